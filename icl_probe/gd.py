@@ -9,7 +9,9 @@ view of the base model with the deltas applied during each forward (and to the w
 reports), usable with :func:`icl_probe.trace` and :func:`icl_probe.implied_updates`.
 
 Methods (one training example = ``[BOS] + one demonstration's tokens``; loss = causal-LM
-cross-entropy averaged over the demonstration's tokens, or its label tokens only):
+cross-entropy averaged over the demonstration's input and label tokens, as in Dai et al.'s
+code where the separator between demonstrations is stripped; ``loss_tokens`` keeps the
+separator or scores the label tokens only):
 
 - ``"dai"``: SGD, batch size 1, one epoch, one step per demonstration in prompt order
   (Dai et al. 2023's code); parameters ``k_proj`` and ``v_proj`` of every layer by default.
@@ -47,9 +49,12 @@ import torch
 import torch.nn.functional as F
 
 from .errors import IclProbeError
-from .prompts import PromptPair
+from .prompts import PromptPair, Span
 
 METHODS = ("dai", "batch", "adam", "lcgd")
+# A run whose last loss exceeds this multiple of its first counts as diverged: at a sane rate
+# the per-demonstration losses stay level or fall; lr = 1e3 on the embedded model triples it.
+DIVERGENCE_FACTOR = 3.0
 PARAM_SETS = ("kv", "qkvo", "mlp", "all")
 
 
@@ -100,8 +105,10 @@ def trainable_parameters(model: Any, params: str) -> dict[str, torch.nn.Paramete
 @dataclass
 class FineTune:
     """Result of :func:`finetune`: real deltas ``θ_FT − θ_0`` per parameter, the loss of each
-    step, whether the run diverged (a non-finite loss or parameter stops it; the deltas are
-    kept as they were), the per-step query vectors of the demonstration tokens (for Kendall),
+    step, whether the run diverged and why (``divergence``: a non-finite loss or parameter
+    stops it, the deltas kept as they were; a final loss above ``DIVERGENCE_FACTOR`` times the
+    first also counts; :func:`icl_probe.compare` adds collapsed outputs), the per-step query
+    vectors of the demonstration tokens (for Kendall),
     and ``model``: the fine-tuned view of the base model."""
 
     deltas: dict[str, torch.Tensor]
@@ -113,6 +120,7 @@ class FineTune:
     step_queries: list[torch.Tensor] = field(default_factory=list, repr=False)
     step_demos: list[int] = field(default_factory=list)
     model: Any = field(default=None, repr=False)
+    divergence: str | None = None
 
     def layer_deltas(self) -> dict[int, dict[str, torch.Tensor]]:
         """Deltas grouped by layer index (parameters outside the layers under -1)."""
@@ -215,15 +223,27 @@ class FineTunedModel:
 # ------------------------------------------------------------------------------ losses
 
 
-def _examples(pair: PromptPair, label_only: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(ids, targets mask over positions 1..) for each demonstration, in prompt order."""
+LOSS_TOKENS = ("demo", "demo+sep", "label")
+
+
+def _examples(pair: PromptPair, loss_tokens: str = "demo"
+              ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids, targets mask over positions 1..) for each demonstration, in prompt order.
+
+    One training example is ``[BOS] + the demonstration's tokens``. ``loss_tokens``:
+    ``"demo"`` (Dai et al.'s code: the input and label tokens; the separator between
+    demonstrations is stripped from the example), ``"demo+sep"`` (the separator kept and
+    scored too), ``"label"`` (only the label tokens are scored)."""
+    if loss_tokens not in LOSS_TOKENS:
+        raise FineTuneError(f"loss_tokens={loss_tokens!r}: expected one of {LOSS_TOKENS}")
     out = []
     bos = pair.icl_ids[: pair.spans.bos.stop] if pair.spans.bos is not None else pair.icl_ids[:0]
     for d in pair.spans.demos:
-        ids = torch.cat([bos, pair.icl_ids[d.whole.slice]])
-        off = len(bos) - d.whole.start
+        whole = d.whole if loss_tokens == "demo+sep" else Span(d.input.start, d.label.stop)
+        ids = torch.cat([bos, pair.icl_ids[whole.slice]])
+        off = len(bos) - whole.start
         mask = torch.zeros(len(ids), dtype=torch.bool)
-        span = d.label if label_only else d.whole
+        span = d.label if loss_tokens == "label" else whole
         mask[span.start + off: span.stop + off] = True
         mask[0] = False  # the first token has nothing to be predicted from
         out.append((ids, mask))
@@ -268,7 +288,7 @@ def finetune(
     *,
     steps: int = 1,
     epochs: int = 1,
-    label_only: bool = False,
+    loss_tokens: str = "demo",
     record_queries: bool = True,
     seed: int = 0,
 ) -> FineTune:
@@ -283,7 +303,10 @@ def finetune(
         raise FineTuneError(f"lr={lr!r}: expected a positive finite learning rate")
     torch.manual_seed(seed)
     train = trainable_parameters(model, params)
-    examples = _examples(pair, label_only)
+    if not isinstance(steps, int) or steps < 1 or not isinstance(epochs, int) or epochs < 1:
+        raise FineTuneError(f"steps={steps!r}, epochs={epochs!r}: both must be integers >= 1 "
+                            "(a fine-tune that trains nothing is almost always a mistake)")
+    examples = _examples(pair, loss_tokens)
     all_params = list(model.parameters())
     flags = [p.requires_grad for p in all_params]
     saved = {n: p.detach().clone() for n, p in train.items()}
@@ -348,8 +371,16 @@ def finetune(
         for p, f in zip(all_params, flags):
             p.requires_grad_(f)
         model.eval()
+    reason = None
+    if diverged:
+        reason = "non-finite loss or parameter"
+    elif len(losses) > 1 and losses[-1] > DIVERGENCE_FACTOR * losses[0]:
+        diverged = True
+        reason = (f"final loss {losses[-1]:.3g} > {DIVERGENCE_FACTOR:g} x the first "
+                  f"({losses[0]:.3g})")
     ft = FineTune(deltas=deltas, losses=losses, diverged=diverged, method=method, params=params,
-                  lr=float(lr), step_queries=queries, step_demos=demo_of_step)
+                  lr=float(lr), step_queries=queries, step_demos=demo_of_step,
+                  divergence=reason)
     ft.model = FineTunedModel(model, deltas)
     return ft
 

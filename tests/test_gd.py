@@ -24,7 +24,7 @@ def pair(tiny):
 
 def _demo_loss(model, pair, i, layer_lens=None):
     """Reference loss of demonstration i: plain transformers forward, mean CE over its tokens."""
-    ids, mask = _examples(pair, label_only=False)[i]
+    ids, mask = _examples(pair)[i]
     t = mask.nonzero()[:, 0]
     logits = model.original_model(ids[None]).logits[0]
     return F.cross_entropy(logits[t - 1], ids[t])
@@ -86,7 +86,7 @@ def test_lcgd_sends_no_gradient_to_earlier_layers(tiny, pair):
     one = ip.build_prompt(tiny, "capital", query=3, k=1, seed=2)
     ft = ip.finetune(tiny, one, method="lcgd", params="kv", lr=lr)
     # reference: layer 0's parameters see only layer 0's logit-lens loss
-    ids, mask = _examples(one, label_only=False)[0]
+    ids, mask = _examples(one)[0]
     t = mask.nonzero()[:, 0]
     params = {n: p for n, p in trainable_parameters(tiny, "kv").items() if ".layers.0." in n}
     for p in params.values():
@@ -148,8 +148,34 @@ def test_deterministic_and_parameter_sets(tiny, pair):
 def test_kendall_needs_the_step_queries(tiny, pair):
     ft = ip.finetune(tiny, pair, method="dai", lr=1e-3)
     assert len(ft.step_queries) == pair.k and ft.step_demos == list(range(pair.k))
-    n_tok = [len(d.whole) + 1 for d in pair.spans.demos]  # + BOS
+    # Dai's examples: BOS + input + label (the separator stripped)
+    n_tok = [len(d.input) + len(d.label) + 1 for d in pair.spans.demos]
     assert [q.shape[:2] for q in ft.step_queries] == [torch.Size([2, n]) for n in n_tok]
+    with_sep = ip.finetune(tiny, pair, method="dai", lr=1e-3, loss_tokens="demo+sep")
+    assert [q.shape[1] for q in with_sep.step_queries] == [len(d.whole) + 1
+                                                           for d in pair.spans.demos]
+
+
+@pytest.mark.parametrize("loss_tokens", ["demo", "demo+sep", "label"])
+def test_loss_tokens_select_the_scored_positions(pair, loss_tokens):
+    for d, (ids, mask) in zip(pair.spans.demos, _examples(pair, loss_tokens)):
+        scored = ids[mask].tolist()
+        label = pair.icl_ids[d.label.slice].tolist()
+        sep = pair.icl_ids[d.sep.slice].tolist()
+        body = pair.icl_ids[d.input.start + 1: d.label.stop].tolist()  # BOS predicts token 0
+        expected = {"demo": pair.icl_ids[d.input.start: d.label.stop].tolist(),
+                    "demo+sep": pair.icl_ids[d.whole.slice].tolist(), "label": label}[loss_tokens]
+        assert scored == expected, (loss_tokens, scored, body, sep)
+
+
+def test_a_rising_loss_counts_as_divergence(tiny, pair):
+    ok = ip.finetune(tiny, pair, method="dai", params="all", lr=1e-3)
+    assert not ok.diverged and ok.divergence is None
+    bad = ip.finetune(tiny, pair, method="dai", params="all", lr=50.0)
+    assert bad.diverged and bad.divergence is not None
+    assert "non-finite" in bad.divergence or bad.losses[-1] > 3 * bad.losses[0]
+    with pytest.raises(ip.FineTuneError, match="steps"):
+        ip.finetune(tiny, pair, method="batch", steps=0)
 
 
 def test_all_finetune_view_patches_one_module_at_a_time(tiny, pair):

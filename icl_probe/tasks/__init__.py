@@ -21,6 +21,7 @@ is optional (default :data:`DEFAULT_TEMPLATE`) and must contain ``{x}`` before `
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,9 @@ from ..errors import TaskFileError
 
 DEFAULT_TEMPLATE = "Input: {x}\nOutput: {y}\n\n"
 DATA_DIR = Path(__file__).parent / "data"
-_HEADER_KEYS = {"task", "description", "source", "labels", "template"}
+_HEADER_KEYS = {"task", "description", "source", "labels", "template", "split"}
+SPLITS = ("train", "dev", "test")
+SPLIT_FRACTIONS = (0.4, 0.2)  # train, dev; test gets the rest
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Task:
     description: str = ""
     source: str = ""
     path: str | None = None
+    explicit_split: dict | None = None
 
     def __post_init__(self) -> None:
         where = self.path or f"task {self.name!r}"
@@ -63,6 +67,16 @@ class Task:
                 raise TaskFileError(
                     f"{where}: answer {bad[0]!r} is not one of the labels {list(self.labels)}"
                 )
+        if self.explicit_split is not None:
+            sp = self.explicit_split
+            ok = set(sp) == set(SPLITS) and all(
+                isinstance(v, (list, tuple)) and all(isinstance(i, int) and 0 <= i < len(self.items)
+                                                     for i in v) for v in sp.values())
+            flat = [i for v in sp.values() for i in v] if ok else []
+            if not ok or len(flat) != len(set(flat)):
+                raise TaskFileError(
+                    f"{where}: 'split' must map each of {list(SPLITS)} to disjoint lists of item "
+                    f"indices in 0..{len(self.items) - 1}")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -70,6 +84,40 @@ class Task:
     @property
     def is_classification(self) -> bool:
         return self.labels is not None
+
+    def split(self, name: str) -> tuple[int, ...]:
+        """Item indices of the task's fixed split ``"train"`` (the demonstration pool),
+        ``"dev"`` (held-out queries that choose a learning rate) or ``"test"`` (evaluation
+        queries). The three are disjoint and cover every item.
+
+        The rule, the same for every task and documented in ``docs/protocol.md``: items are
+        grouped by answer label (classification) or kept as one group (open-ended), each
+        group is shuffled with ``random.Random("icl-probe-split:" + task name)``, and its
+        first 40 % go to train, the next 20 % to dev, the rest to test; each split keeps
+        file order. A task file may instead name its split explicitly in the header:
+        ``"split": {"train": [...], "dev": [...], "test": [...]}`` (item indices)."""
+        if name not in SPLITS:
+            raise TaskFileError(f"task {self.name!r}: split {name!r} is not one of {SPLITS}")
+        return self.splits[name]
+
+    @property
+    def splits(self) -> dict[str, tuple[int, ...]]:
+        if self.explicit_split is not None:
+            return {k: tuple(v) for k, v in self.explicit_split.items()}
+        groups: dict[str, list[int]] = {}
+        for i, it in enumerate(self.items):
+            groups.setdefault(it.y if self.is_classification else "", []).append(i)
+        rng = random.Random(f"icl-probe-split:{self.name}")
+        out: dict[str, list[int]] = {s: [] for s in SPLITS}
+        for idx in groups.values():
+            idx = list(idx)
+            rng.shuffle(idx)
+            n_train = round(len(idx) * SPLIT_FRACTIONS[0])
+            n_dev = round(len(idx) * SPLIT_FRACTIONS[1])
+            out["train"] += idx[:n_train]
+            out["dev"] += idx[n_train:n_train + n_dev]
+            out["test"] += idx[n_train + n_dev:]
+        return {k: tuple(sorted(v)) for k, v in out.items()}
 
     @property
     def answers(self) -> tuple[str, ...]:
@@ -157,6 +205,7 @@ def read_task_file(path: str | Path) -> Task:
         description=header.get("description", ""),
         source=header.get("source", ""),
         path=str(path),
+        explicit_split=header.get("split"),
     )
 
 

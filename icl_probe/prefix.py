@@ -1,0 +1,180 @@
+"""ICL prompts that share their demonstrations: run the shared prefix once.
+
+Under the anchors' protocol one demonstration set serves every query of a (task, seed), so
+the ICL prompts ``[BOS] demo_1 … demo_k query_q`` share everything before the query. A causal
+model's keys, values and every activation over that prefix are the same for every query, so
+:func:`trace_shared_prefix` runs the prefix once, keeps the model's own key/value cache, and
+runs only each query's tokens on top of it (batched, right-padded, the cache repeated over the
+batch). An ICL query then costs about what a zero-shot query costs.
+
+The record it returns is the one :func:`icl_probe.trace` returns for the same prompts at the
+prediction position (``positions="pred"``): the logits, q, scores, pattern, z, attn_out ... at
+``p`` and, where asked for, ``k``/``v`` over every key position (the prefix's shared part
+repeated per prompt). ``tests/test_prefix.py`` checks it against full-prompt forwards.
+
+Where the shortcut does not apply (fewer than two prompts, no shared prefix, a model whose
+rotary q/k are reconstructed after the forward rather than hooked, a cache the model does not
+return) it falls back to :func:`icl_probe.trace` on the full prompts: same record, full cost.
+
+>>> import icl_probe as ip
+>>> model = ip.tiny_model()
+>>> task = ip.load_task("capital")
+>>> pairs = [ip.build_prompt(model, task, q, demos=[5, 6, 7]) for q in (0, 1, 2)]
+>>> shared_prefix_length(pairs) == pairs[0].spans.query.start
+True
+>>> rec = trace_shared_prefix(model, pairs, what=("scores", "attn_out"))
+>>> rec.meta["shared_prefix"] == pairs[0].spans.query.start
+True
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .errors import TraceError
+from .hooks import (_HOOKS, QUANTITIES, AttentionRecord, _hook_names, _live_hooks,
+                    _pad_stack, attention_weights, group_mapping, trace)
+from .prompts import PromptPair
+
+
+def shared_prefix_length(pairs: Sequence[PromptPair], kind: str = "icl") -> int:
+    """Number of leading tokens every prompt's ``kind`` ids share (at most each prompt's
+    length minus one, so every prompt keeps its prediction position in the suffix)."""
+    ids = [p.ids(kind) for p in pairs]
+    n = min(len(x) for x in ids) - 1
+    first = ids[0]
+    for x in ids[1:]:
+        neq = (x[:n] != first[:n]).nonzero()
+        if len(neq):
+            n = int(neq[0, 0])
+    return max(n, 0)
+
+
+def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
+                        what: Iterable[str] | None = None, layers: Iterable[int] | None = None,
+                        batch_size: int = 16, min_prefix: int = 8) -> AttentionRecord:
+    """:func:`icl_probe.trace` of the pairs' ICL prompts at the prediction position, with the
+    prefix every prompt shares run once (see the module docstring)."""
+    what = tuple(QUANTITIES) if what is None else tuple(dict.fromkeys(what))
+    P = shared_prefix_length(pairs) if len(pairs) > 1 else 0
+    names, rotated = _hook_names(model)
+    if P < min_prefix or not rotated or "head_out" in what:
+        return trace(model, pairs, kind="icl", what=what, layers=layers, batch_size=batch_size)
+    cfg = model.cfg
+    layer_list = tuple(range(cfg.n_layers)) if layers is None else tuple(int(l) for l in layers)
+    unknown = [w for w in what if w not in _HOOKS]
+    if unknown:
+        raise TraceError(f"trace_shared_prefix(what={list(what)}): unknown {unknown}; "
+                         f"known: {list(_HOOKS)}")
+    live = _live_hooks(model)
+    missing = [q for q in what if names[q] not in live]
+    if missing:
+        raise TraceError(f"trace_shared_prefix: this model has no live hook for {missing}")
+    device = next(model.parameters()).device
+    ids = [p.icl_ids for p in pairs]
+    lengths = torch.tensor([len(x) for x in ids])
+    if int(lengths.max()) > cfg.n_ctx:
+        raise TraceError(f"trace_shared_prefix: a prompt has {int(lengths.max())} tokens; the "
+                         f"context holds {cfg.n_ctx}")
+    key_q = [q for q in what if _HOOKS[q][1] == "key"]
+
+    # 1. the prefix, once: its cache, and its keys/values where asked for
+    prefix_kv: dict[str, list[torch.Tensor]] = {q: [] for q in key_q}
+    hooks = [(names[q].format(l=l), lambda x, hook=None, q=q: prefix_kv[q].append(x.detach()))
+             for q in key_q for l in layer_list]
+    with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
+        out = model(ids[0][:P][None].to(device), return_type="logits_and_cache")
+    cache = out[1] if isinstance(out, tuple) else None
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        return trace(model, pairs, kind="icl", what=what, layers=layers, batch_size=batch_size)
+
+    # 2. the suffixes, batched on top of the repeated cache
+    store: dict[str, list[list[torch.Tensor]]] = {q: [[] for _ in layer_list] for q in what}
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    chunks = [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
+    tok = getattr(model, "tokenizer", None)
+    pad_id = (getattr(tok, "pad_token_id", None) or 0) if tok is not None else 0
+    logits_parts = []
+    cur: dict[str, torch.Tensor] = {}
+
+    def grab(q: str, slot: int):
+        layout = _HOOKS[q][1]
+
+        def fn(x: torch.Tensor, hook: Any = None) -> None:
+            rows = cur["rows"].to(x.device)  # prediction slot of each prompt in the suffix
+            b = torch.arange(x.shape[0], device=x.device)
+            if layout == "row":  # batch head q_pos k_pos -> batch 1 head k_pos
+                y = x[b, :, rows][:, None]
+            elif layout == "query":  # batch q_pos ... -> batch 1 ...
+                y = x[b, rows][:, None]
+            else:  # keys/values of the suffix; the prefix's are prepended below
+                y = x.detach().clone()
+            store[q][slot].append(y)
+
+        return fn
+
+    fwd = [(names[q].format(l=l), grab(q, s)) for q in what for s, l in enumerate(layer_list)]
+    with torch.inference_mode(), model.hooks(fwd_hooks=fwd):
+        for chunk in chunks:
+            L = int(lengths[chunk].max()) - P
+            suffix = torch.full((len(chunk), L), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), P + L), dtype=torch.long)
+            for r, i in enumerate(chunk):
+                suffix[r, : lengths[i] - P] = ids[i][P:]
+                mask[r, : lengths[i]] = 1
+            cur["rows"] = lengths[chunk] - 1 - P
+            c = copy.deepcopy(cache)
+            c.batch_repeat_interleave(len(chunk))
+            logits = model(suffix.to(device), past_key_values=c, attention_mask=mask.to(device))
+            rows = cur["rows"].to(logits.device)
+            logits_parts.append(logits[torch.arange(len(chunk), device=logits.device), rows])
+
+    # 3. reassemble in the caller's order (as trace() lays it out)
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    T = int(lengths.max())
+    data: dict[str, torch.Tensor] = {}
+    for q in what:
+        layout = _HOOKS[q][1]
+        per_layer = []
+        for slot in range(len(layer_list)):
+            parts = store[q][slot]
+            if layout == "key":
+                pre = prefix_kv[q][slot]
+                parts = [torch.cat([pre.expand(x.shape[0], *pre.shape[1:]), x], 1) for x in parts]
+                parts = [_pad(x, 1, T) for x in parts]
+            elif layout == "row":
+                parts = [_pad(x, 3, T) for x in parts]
+            per_layer.append(torch.cat(parts, 0)[inverse.to(parts[0].device)])
+        data[q] = torch.stack(per_layer)
+    if "scores" in data:  # keys after each prompt's end are padding: -inf, as trace() has it
+        valid = (torch.arange(T)[None, :] < lengths[:, None]).to(data["scores"].device)
+        data["scores"] = data["scores"].masked_fill(~valid[None, :, None, None, :], float("-inf"))
+    pred = lengths - 1
+    positions, pos_mask = _pad_stack([p[None] for p in pred])
+    key_t, key_mask = _pad_stack([torch.arange(int(n)) for n in lengths])
+    n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    return AttentionRecord(
+        layers=layer_list, n_heads=cfg.n_heads, n_kv_heads=n_kv, d_head=cfg.d_head,
+        kv_head_of=group_mapping(cfg.n_heads, n_kv), lengths=lengths, pred=pred,
+        positions=positions, pos_mask=pos_mask, pred_slot=torch.zeros(len(ids), dtype=torch.long),
+        key_positions=key_t, key_mask=key_mask, data=data,
+        weights=attention_weights(model, layer_list),
+        logits=torch.cat(logits_parts, 0)[inverse.to(logits_parts[0].device)],
+        hook_names={q: names[q] for q in data}, kind="icl", q_rotated=True,
+        meta={"shared_prefix": P},
+    )
+
+
+def _pad(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    if x.shape[dim] >= size:
+        return x
+    shape = list(x.shape)
+    shape[dim] = size - x.shape[dim]
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
+__all__ = ["shared_prefix_length", "trace_shared_prefix"]
