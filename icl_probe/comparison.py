@@ -1,11 +1,10 @@
-"""ICL against real gradient descent: the field's metrics, each beside its baselines
-(REFERENCE.md §3). (The module is ``comparison`` rather than ``compare`` so that
-``ip.compare``, the entry point, does not shadow it.)
+"""ICL against real gradient descent: the field's metrics (docs/science.md, "Comparison
+metrics"), the random-weight baseline models, and Shen et al.'s order sensitivity.
 
 Three runs per query: **ZS** (base model, ZS prompt), **ICL** (base model, ICL prompt) and
 **FT** (the fine-tuned model of :func:`icl_probe.finetune`, ZS prompt). The metric functions
 below are pure (tensors in, numbers out) and are tested against slow references;
-:func:`compare` drives the three runs over many queries and returns tidy tables.
+:func:`icl_probe.compare` (in :mod:`icl_probe.protocol`) drives the runs over many queries.
 
 >>> import torch
 >>> from icl_probe import comparison as C
@@ -21,6 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+import einops
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -74,30 +74,64 @@ def simam(m_zs: torch.Tensor, m_icl: torch.Tensor, m_ft: torch.Tensor) -> dict[s
 
 
 def kendall_tau(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Kendall's τ-b between two weightings of the same items (O(n²), exact; ties handled)."""
+    """Kendall's τ-b between two weightings of the same items (ties handled; SciPy's
+    O(n log n) routine, checked against pair counting in the tests)."""
+    from scipy.stats import kendalltau
+
     a, b = a.double().flatten(), b.double().flatten()
     if a.numel() != b.numel() or a.numel() < 2:
         raise IclProbeError(f"kendall_tau: need two vectors of equal length >= 2, got "
                             f"{a.numel()} and {b.numel()}")
-    da = torch.sign(a[:, None] - a[None, :])
-    db = torch.sign(b[:, None] - b[None, :])
-    iu = torch.triu_indices(a.numel(), a.numel(), 1)
-    da, db = da[iu[0], iu[1]], db[iu[0], iu[1]]
-    num = float((da * db).sum())
-    den = math.sqrt(float((da != 0).sum()) * float((db != 0).sum()))
-    return num / den if den > 0 else float("nan")
+    if bool((a == a[0]).all()) or bool((b == b[0]).all()):
+        return float("nan")  # a constant weighting has no order
+    return float(kendalltau(a.numpy(), b.numpy(), variant="b").statistic)
 
 
-def kendall_icl_ft(scores_icl: torch.Tensor, q_steps: torch.Tensor,
-                   q_ft: torch.Tensor) -> float:
-    """Dai's Kendall(ICL, FT) for one layer. ICL side: the scores from p to each
-    demonstration token (head demo_tok), summed over heads, softmax. FT side: for each
-    demonstration token j, the query q_j recorded while the FT step used its demonstration
-    (demo_tok head d_head), dotted with the FT model's query at p (head d_head), summed over
-    heads, softmax. τ between the two weightings."""
+KENDALL_LEVELS = ("token", "example")
+
+
+def kendall_icl_ft(scores_icl: torch.Tensor, q_steps: torch.Tensor, q_ft: torch.Tensor, *,
+                   scale: float, level: str = "token",
+                   demo_lengths: Sequence[int] | None = None) -> float:
+    """Dai et al.'s Kendall(ICL, FT) for one layer.
+
+    ICL side: the model's scores from p to each demonstration token (``head demo_tok``,
+    already scaled as the model scales them), summed over heads, softmax. FT side: for each
+    demonstration token j, the query ``q_j`` recorded while the FT step used its
+    demonstration (``demo_tok head d_head``) dotted with the FT model's query at p
+    (``head d_head``), both multiplied by the attention ``scale`` as Dai's fairseq stores its
+    queries (so the logits are ``scale² Σ_h q_j·q_p``), summed over heads, softmax.
+    ``level="token"``: τ between the two weightings of the tokens; ``level="example"``: the
+    weights summed per demonstration first (``demo_lengths`` gives each demonstration's token
+    count), τ over demonstrations (Dai's example-level form)."""
+    if level not in KENDALL_LEVELS:
+        raise IclProbeError(f"kendall_icl_ft(level={level!r}): expected one of {KENDALL_LEVELS}")
+    if scores_icl.shape[-1] != q_steps.shape[0]:
+        raise IclProbeError(f"kendall_icl_ft: {scores_icl.shape[-1]} ICL demonstration tokens "
+                            f"but {q_steps.shape[0]} recorded FT queries")
     icl_w = torch.softmax(scores_icl.double().sum(0), -1)
-    ft_w = torch.softmax(torch.einsum("jhd,hd->j", q_steps.double(), q_ft.double()), -1)
+    q_steps, q_ft = q_steps.double() * scale, q_ft.double() * scale
+    ft_w = torch.softmax(einops.einsum(q_steps, q_ft, "tok head d_head, head d_head -> tok"), -1)
+    if level == "example":
+        if demo_lengths is None or sum(demo_lengths) != icl_w.numel():
+            raise IclProbeError(f"kendall_icl_ft(level='example'): demo_lengths must sum to the "
+                                f"{icl_w.numel()} demonstration tokens, got {demo_lengths}")
+        demo = torch.repeat_interleave(torch.arange(len(demo_lengths)),
+                                       torch.tensor(list(demo_lengths)))
+        icl_w = torch.zeros(len(demo_lengths), dtype=icl_w.dtype).index_add_(0, demo, icl_w)
+        ft_w = torch.zeros(len(demo_lengths), dtype=ft_w.dtype).index_add_(0, demo, ft_w)
     return kendall_tau(icl_w, ft_w)
+
+
+def simaou_uniform_random(h_zs: torch.Tensor, h_icl: torch.Tensor, r: torch.Tensor,
+                          normalize: bool) -> torch.Tensor:
+    """Dai et al.'s SimAOU baseline: cos(h_ICL − h_ZS, r) with ``r`` a draw from U[0, 1)^d
+    (given, so that the function is pure), along the last axis. ``normalize=True`` takes the
+    update between unit-normalised outputs, as Dai's code does for its baseline (the
+    ``SimAOU_norm`` form); ``False`` is the unnormalised form's baseline."""
+    if normalize:
+        h_zs, h_icl = (h / h.norm(dim=-1, keepdim=True) for h in (h_zs, h_icl))
+    return _cos(h_icl - h_zs, r)
 
 
 def top_overlap(p_icl: torch.Tensor, p_gd: torch.Tensor, k: int = 10) -> float:
@@ -146,193 +180,7 @@ def same_norm_random(x: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     return r / r.norm(dim=-1, keepdim=True) * x.double().norm(dim=-1, keepdim=True)
 
 
-# ------------------------------------------------------------------------------ runs
-
-
-_WHAT = ("q", "k", "v", "scores", "attn_out")
-
-
-def _kv_operator(rec: Any, b: int, positions: torch.Tensor) -> torch.Tensor:
-    """M = Σ_{j∈positions} v_j ⊗ k_j per layer and kv head (layer kv_head d_head d_head)."""
-    k = rec.data["k"][:, b, positions]
-    v = rec.data["v"][:, b, positions]
-    return torch.einsum("ltgv,ltgk->lgvk", v.double(), k.double())
-
-
-@dataclass
-class Tables:
-    """``summary``: tidy (task, metric, layer, baseline, value, n); ``per_query``: one row
-    per query (correctness of each run, FT status); ``per_layer``: per query and layer;
-    ``per_head``: the weight-space cosine per query, layer and query head (heads of one
-    key/value group share ``M = Σ v ⊗ k``, hence the ``kv_head`` column)."""
-
-    summary: pd.DataFrame
-    per_query: pd.DataFrame
-    per_layer: pd.DataFrame
-    per_head: pd.DataFrame
-
-
-def compare_pairs(model: Any, pairs: Sequence[PromptPair], gd: dict | None = None, *,
-                  seed: int = 0, progress: bool | None = None
-                  ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """The three runs for each pair and every per-query metric; returns (per_query,
-    per_layer, per_head) tables. ``gd`` goes to :func:`icl_probe.finetune`."""
-    from .gd import finetune
-
-    gd = dict(gd or {})
-    gen = torch.Generator().manual_seed(seed)
-    icl = trace(model, pairs, what=_WHAT)
-    zs = trace(model, pairs, kind="zs", what=_WHAT)
-    rows_q, rows_l, rows_h = [], [], []
-    # prediction-position views of the batched runs, taken once (layer batch ...)
-    icl_s, zs_s = icl.at_pred("scores"), zs.at_pred("scores")
-    icl_h, zs_h = icl.at_pred("attn_out"), zs.at_pred("attn_out")
-    bar = tqdm(list(enumerate(pairs)), desc="compare", unit="query",
-               disable=not (progress or (progress is None and len(pairs) > 4)))
-    for b, pair in bar:
-        ft = finetune(model, pair, **gd)
-        ftr = trace(ft.model, [pair], kind="zs", what=_WHAT)
-        lab = pair.label_ids.to(icl.logits.device)
-        correct = {}
-        probs = {}
-        for name, rec, i in (("zs", zs, b), ("icl", icl, b), ("ft", ftr, 0)):
-            logits = rec.logits[i].double()
-            probs[name] = torch.softmax(logits, -1)
-            correct[name] = int(logits[lab].argmax()) == pair.target
-            correct[name + "_vocab"] = int(logits.argmax()) == pair.target_id
-        rows_q.append({
-            "task": pair.task, "query": pair.query, "k": pair.k,
-            "zs_correct": correct["zs"], "icl_correct": correct["icl"], "ft_correct": correct["ft"],
-            "zs_vocab_correct": correct["zs_vocab"], "icl_vocab_correct": correct["icl_vocab"],
-            "ft_vocab_correct": correct["ft_vocab"], "ft_diverged": ft.diverged,
-            "ft_final_loss": ft.losses[-1] if ft.losses else float("nan"),
-            "top10_overlap": top_overlap(probs["icl"], probs["ft"]),
-            "overlap_cosine": overlap_cosine(probs["icl"], probs["ft"]),
-            "kl_icl_ft": kl(probs["icl"], probs["ft"]),
-        })
-        # per layer: SimAOU, SimAM, Kendall, weight-space cosine, each with baselines
-        h_zs, h_icl, h_ft = zs_h[:, b], icl_h[:, b], ftr.at_pred("attn_out")[:, 0]
-        aou = {n: simaou(h_zs, h_icl, h_ft, normalize=n) for n in (True, False)}
-        aou_rand = _cos(h_icl.double() - h_zs.double(),
-                        same_norm_random(h_ft.double() - h_zs.double(), gen))
-        aou_uniform = uniform_random_cos(h_icl.double() - h_zs.double(), gen)
-        q_icl = pair.spans.query.indices()  # query tokens without BOS, in both prompts
-        q_zs = pair.zs_spans.query.indices()
-        m_icl = icl_s[:, b][..., q_icl]  # layer head query_tok
-        m_zs = zs_s[:, b][..., q_zs]
-        m_ft = ftr.at_pred("scores")[:, 0][..., q_zs]
-        sam = simam(m_zs, m_icl, m_ft)
-        sam_rand = _cos(m_icl.double() - m_zs.double(),
-                        same_norm_random(m_ft.double() - m_zs.double(), gen)).mean(-1)
-        demo_idx = pair.spans.demo_indices()
-        dM_icl = _kv_operator(icl, b, demo_idx)
-        zs_all = torch.arange(len(pair.zs_ids))
-        dM_gd = _kv_operator(ftr, 0, zs_all) - _kv_operator(zs, b, zs_all)
-        w_cos = _cos(dM_icl.flatten(-2), dM_gd.flatten(-2))  # layer kv_head
-        w_rand = _cos(dM_icl.flatten(-2), same_norm_random(dM_gd.flatten(-2), gen))
-        q_ft = ftr.at_pred("q")[:, 0]  # layer head d_head
-        for li, l in enumerate(icl.layers):
-            ken = ken_rand = float("nan")
-            if ft.step_queries and not ft.diverged:
-                # the step that used demonstration i saw [BOS] + its tokens: map back to D
-                q_steps = []
-                for qs, i in zip(ft.step_queries, ft.step_demos):
-                    off = 1 if pair.spans.bos is not None else 0
-                    q_steps.append(qs[li, off:])
-                q_steps = torch.cat(q_steps[: pair.k])  # demo_tok head d_head
-                s_demo = icl_s[li, b][:, demo_idx]
-                ken = kendall_icl_ft(s_demo, q_steps, q_ft[li])
-                icl_w = torch.softmax(s_demo.double().sum(0), -1)
-                ken_rand = kendall_tau(icl_w, torch.rand(icl_w.shape, generator=gen,
-                                                         dtype=torch.float64))
-            row = {"task": pair.task, "query": pair.query, "layer": l,
-                   "SimAOU_norm": float(aou[True][li]), "SimAOU": float(aou[False][li]),
-                   "SimAOU|random_update": float(aou_rand[li]),
-                   "SimAOU|uniform_random": float(aou_uniform[li]),
-                   "SimAM_before": float(sam["before"][li]), "SimAM_after": float(sam["after"][li]),
-                   "SimAM_delta": float(sam["delta"][li]),
-                   "SimAM_delta|random_update": float(sam_rand[li]),
-                   "Kendall": ken, "Kendall|uniform_random": ken_rand,
-                   "weight_cos": float(w_cos[li].mean()),
-                   "weight_cos|random_update": float(w_rand[li].mean()),
-                   "ft_diverged": ft.diverged}
-            rows_l.append(row)
-            for h, g in enumerate(icl.kv_head_of.tolist()):
-                rows_h.append({"task": pair.task, "query": pair.query, "layer": l, "head": h,
-                               "kv_head": g, "weight_cos": float(w_cos[li, g]),
-                               "weight_cos|random_update": float(w_rand[li, g]),
-                               "ft_diverged": ft.diverged})
-    return pd.DataFrame(rows_q), pd.DataFrame(rows_l), pd.DataFrame(rows_h)
-
-
-def _summarise(per_query: pd.DataFrame, per_layer: pd.DataFrame, baseline: str) -> pd.DataFrame:
-    rows = []
-    ok = per_query[~per_query.ft_diverged]
-    task = per_query.task.iloc[0] if len(per_query) else ""
-    for col, metric in (("zs_correct", "acc_ZS"), ("icl_correct", "acc_ICL"),
-                        ("ft_correct", "acc_FT"), ("zs_vocab_correct", "vocab_acc_ZS"),
-                        ("icl_vocab_correct", "vocab_acc_ICL"),
-                        ("ft_vocab_correct", "vocab_acc_FT")):
-        rows.append({"task": task, "metric": metric, "layer": -1, "baseline": baseline,
-                     "value": float(per_query[col].mean()), "n": len(per_query)})
-    rows.append({"task": task, "metric": "Rec2FTP", "layer": -1, "baseline": baseline,
-                 "value": rec2ftp(ok.zs_correct, ok.icl_correct, ok.ft_correct), "n": len(ok)})
-    for m in ("top10_overlap", "overlap_cosine", "kl_icl_ft"):
-        rows.append({"task": task, "metric": m, "layer": -1, "baseline": baseline,
-                     "value": float(ok[m].mean()), "n": len(ok)})
-    rows.append({"task": task, "metric": "ft_diverged", "layer": -1, "baseline": baseline,
-                 "value": float(per_query.ft_diverged.mean()), "n": len(per_query)})
-    pl = per_layer[~per_layer.ft_diverged]
-    for col in pl.columns:
-        if col in ("baseline", "task", "query", "layer", "ft_diverged"):
-            continue
-        metric, _, base = col.partition("|")
-        b = base or baseline
-        by_layer = pl.groupby("layer")[col].mean()
-        rows += [{"task": task, "metric": metric, "layer": int(l), "baseline": b,
-                  "value": float(v), "n": int(pl["query"].nunique())} for l, v in by_layer.items()]
-        rows.append({"task": task, "metric": metric, "layer": -1, "baseline": b,
-                     "value": float(by_layer.mean()), "n": int(pl["query"].nunique())})
-    return pd.DataFrame(rows)
-
-
-def compare(model: Any, task: Any, k: int = 8, queries: Iterable[int] = range(50),
-            gd: dict | None = None, *, seed: int = 0, shuffled_labels: bool = True,
-            model_baselines: bool = True, baseline_models: dict[str, Any] | None = None,
-            balanced: bool | None = None, progress: bool | None = None) -> Tables:
-    """ZS, ICL and FT runs for ``queries`` of ``task`` with ``k`` demonstrations each, every
-    metric of REFERENCE.md §3, and baselines (Deutch et al.): a random update of the same
-    norm and Dai's uniform-random vector (per query); shuffled-label demonstrations
-    (``shuffled_labels``); the same metrics on an untrained model and on one with only the
-    trained embeddings, norms and unembedding (``model_baselines``, built by
-    :func:`untrained_copy`); and any ``baseline_models`` given by name. ``summary`` averages
-    layers with ``layer = -1``; layer-wise rows keep their layer."""
-    task = load_task(task)
-    queries = list(queries)
-    balanced = task.is_classification if balanced is None else balanced
-    runs = {"model": dict(model=model, shuffle=False)}
-    if shuffled_labels:
-        runs["shuffled_labels"] = dict(model=model, shuffle=True)
-    models = dict(baseline_models or {})
-    if model_baselines:
-        models.setdefault("untrained", untrained_copy(model, "none", seed=seed))
-        models.setdefault("embeddings_only", untrained_copy(model, "embeddings", seed=seed))
-    for name, m in models.items():
-        runs[name] = dict(model=m, shuffle=False)
-    summaries, per_query, per_layer, per_head = [], [], [], []
-    for name, run in runs.items():
-        pairs = [build_prompt(run["model"], task, q, k, seed + q, balanced=balanced,
-                              shuffle_labels=run["shuffle"]) for q in queries]
-        pq, pl, ph = compare_pairs(run["model"], pairs, gd, seed=seed, progress=progress)
-        for df in (pq, pl, ph):
-            df.insert(0, "baseline", name)
-        per_head.append(ph)
-        s = _summarise(pq, pl, name)
-        summaries.append(s)
-        per_query.append(pq)
-        per_layer.append(pl)
-    return Tables(pd.concat(summaries, ignore_index=True), pd.concat(per_query, ignore_index=True),
-                  pd.concat(per_layer, ignore_index=True), pd.concat(per_head, ignore_index=True))
+# ------------------------------------------------------------------------------ baselines
 
 
 def untrained_copy(model: Any, keep: str = "none", seed: int = 0) -> Any:
@@ -358,16 +206,6 @@ def untrained_copy(model: Any, keep: str = "none", seed: int = 0) -> Any:
     info = ModelInfo("memory", label, None, model.icl_probe_info.prepend_bos)
     return _bridge(fresh, model.tokenizer, info=info, device=next(hf.parameters()).device,
                    dtype=next(hf.parameters()).dtype, n_devices=None, device_map=None)
-
-
-def dai_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Dai-style table: one row per metric (layer-averaged), one column per task, plus the
-    average over tasks; real-model rows only, baselines as extra ``metric|baseline`` rows."""
-    s = summary[summary.layer == -1].copy()
-    s["row"] = [m if b == "model" else f"{m} | {b}" for m, b in zip(s.metric, s.baseline)]
-    t = s.pivot_table(index="row", columns="task", values="value", aggfunc="mean")
-    t["Avg."] = t.mean(axis=1)
-    return t
 
 
 def order_sensitivity_table(model: Any, pair: PromptPair, orderings: int = 10,

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -106,21 +107,60 @@ def load_config(path: str | Path) -> Config:
 # Each section: units(config) -> list of unit dicts; run(model, unit) -> {table: DataFrame}.
 
 
+ICL_VS_GD_DEFAULTS = dict(tasks=["sentiment"], k=32, queries=32, dev_queries=16, seeds=[0],
+                         lrs=[1e-3], methods=["dai"], params="kv", loss_tokens="demo",
+                         baselines=["shuffled_labels", "untrained", "embeddings_only"],
+                         protocol="shared", position="pred", balanced=False)
+
+
+def _icl_vs_gd_settings(s: dict) -> dict:
+    return {k: s.get(k, v) for k, v in ICL_VS_GD_DEFAULTS.items()}
+
+
 def _icl_vs_gd_units(s: dict) -> list[dict]:
-    return [dict(task=t, seed=seed, lr=lr, method=m)
-            for t in s.get("tasks", ["sentiment"]) for seed in s.get("seeds", [0])
-            for lr in s.get("lrs", [1e-3]) for m in s.get("methods", ["dai"])]
+    """Stage 1: every (task, seed, method, lr) on the model itself, dev and test queries.
+    Stage 2: every baseline run at the rate stage 1 selected (read from the finished stage-1
+    units when the unit runs)."""
+    c = _icl_vs_gd_settings(s)
+    sweep = [dict(stage="sweep", task=t, seed=seed, method=m, lr=lr) for t in c["tasks"]
+             for m in c["methods"] for lr in c["lrs"] for seed in c["seeds"]]
+    base = [dict(stage="baseline", task=t, seed=seed, method=m, run=b) for t in c["tasks"]
+            for m in c["methods"] for b in c["baselines"] for seed in c["seeds"]]
+    return sweep + base
 
 
-def _icl_vs_gd_run(model: Any, u: dict, s: dict) -> dict[str, pd.DataFrame]:
-    from .comparison import compare
+def _comparison(model: Any, c: dict, task: str, ctx: dict) -> Any:
+    """One Comparison per task and process, so that ZS/ICL runs are shared across units."""
+    from .protocol import Comparison
 
-    t = compare(model, u["task"], k=s.get("k", 8), queries=range(s.get("queries", 16)),
-                gd=dict(method=u["method"], params=s.get("params", "kv"), lr=u["lr"]),
-                seed=u["seed"], shuffled_labels=s.get("shuffled_labels", True),
-                model_baselines=s.get("model_baselines", True), progress=False)
-    return {"summary": t.summary, "per_query": t.per_query, "per_layer": t.per_layer,
-            "per_head": t.per_head}
+    cache = ctx.setdefault("comparisons", {})
+    if task not in cache:
+        cache[task] = Comparison(model, task, k=c["k"], queries=c["queries"],
+                                 dev_queries=c["dev_queries"], protocol=c["protocol"],
+                                 position=c["position"], balanced=c["balanced"], progress=False)
+    return cache[task]
+
+
+def _icl_vs_gd_run(model: Any, u: dict, s: dict, ctx: dict) -> dict[str, pd.DataFrame]:
+    from .protocol import FineTuneConfig, select_lr, sweep_rows
+
+    c = _icl_vs_gd_settings(s)
+    comp = _comparison(model, c, u["task"], ctx)
+    if u["stage"] == "sweep":
+        cfg = FineTuneConfig(method=u["method"], params=c["params"], lr=u["lr"],
+                             loss_tokens=c["loss_tokens"])
+        splits = ("test", "dev") if len(c["lrs"]) > 1 else ("test",)
+        return comp.run(cfg, u["seed"], "model", splits)
+    done = read_results(ctx["out"]).get("icl_vs_gd", {})
+    name = FineTuneConfig(method=u["method"], params=c["params"]).name
+    chosen = select_lr(sweep_rows(done["per_query"], done["finetune"])) if done else {}
+    if name not in chosen:
+        # every rate diverged: nothing to compare the baseline with
+        return {"finetune": pd.DataFrame([{"task": u["task"], "method": name, "run": u["run"],
+                                           "seed": u["seed"], "skipped": "every rate diverged"}])}
+    cfg = FineTuneConfig(method=u["method"], params=c["params"], lr=chosen[name],
+                         loss_tokens=c["loss_tokens"])
+    return comp.run(cfg, u["seed"], u["run"], ("test",))
 
 
 def _implied_units(s: dict) -> list[dict]:
@@ -128,7 +168,7 @@ def _implied_units(s: dict) -> list[dict]:
             for seed in s.get("seeds", [0])]
 
 
-def _implied_run(model: Any, u: dict, s: dict) -> dict[str, pd.DataFrame]:
+def _implied_run(model: Any, u: dict, s: dict, ctx: dict) -> dict[str, pd.DataFrame]:
     from .probes import implied_updates, update_trajectory, verify_identities
     from .prompts import build_prompts
 
@@ -146,7 +186,7 @@ def _order_units(s: dict) -> list[dict]:
             for n in s.get("n_demos", [1, 2, 4, 8]) for lr in s.get("lrs", [1e-3])]
 
 
-def _order_run(model: Any, u: dict, s: dict) -> dict[str, pd.DataFrame]:
+def _order_run(model: Any, u: dict, s: dict, ctx: dict) -> dict[str, pd.DataFrame]:
     from .comparison import order_sensitivity_table
     from .prompts import build_prompt
 
@@ -170,7 +210,7 @@ def _lsa_units(s: dict) -> list[dict]:
     return [dict(seed=seed) for seed in s.get("seeds", [0])]
 
 
-def _lsa_run(model: Any, u: dict, s: dict) -> dict[str, pd.DataFrame]:
+def _lsa_run(model: Any, u: dict, s: dict, ctx: dict) -> dict[str, pd.DataFrame]:
     from . import dual
 
     lr, loss = dual.best_one_step_lr(n_tasks=s.get("line_search_tasks", 10_000), seed=u["seed"])
@@ -188,7 +228,7 @@ def _heads_units(s: dict) -> list[dict]:
     return [dict(task=t) for t in s.get("tasks", ["capital"])]
 
 
-def _heads_run(model: Any, u: dict, s: dict) -> dict[str, pd.DataFrame]:
+def _heads_run(model: Any, u: dict, s: dict, ctx: dict) -> dict[str, pd.DataFrame]:
     from . import dual
     from .prompts import build_prompts
 
@@ -277,6 +317,7 @@ def run_experiment(config: Config, *, model: Any = None, model_name: str | None 
         if model is None:
             model = load_model(name, device=device or exp.get("device"),
                                dtype=dtype or exp.get("dtype"))
+        ctx: dict = {"out": out}
         bar = tqdm(todo, desc=config.name, unit="unit", disable=progress is False)
         for sec, u in bar:
             uid = _unit_id(sec, u)
@@ -284,7 +325,7 @@ def run_experiment(config: Config, *, model: Any = None, model_name: str | None 
             if unit_hook is not None:
                 unit_hook(uid)
             t0 = time.perf_counter()
-            tables = SECTIONS[sec][1](model, u, config.section(sec))
+            tables = SECTIONS[sec][1](model, u, config.section(sec), ctx)
             _write_unit(out / "units", uid, tables, {"section": sec, "unit": u,
                                                      "seconds": time.perf_counter() - t0})
     path = write_report(config, out, model_label=getattr(getattr(model, "icl_probe_info", None),
@@ -313,13 +354,7 @@ def _figures(section: str, tabs: dict[str, pd.DataFrame]) -> list:
 
     figs = []
     if section == "icl_vs_gd" and "summary" in tabs:
-        s = tabs["summary"]
-        for metric in ("SimAOU", "SimAM_delta", "weight_cos"):
-            d = s[(s.metric == metric) & (s.layer >= 0)]
-            if len(d):
-                d = d.groupby(["layer", "baseline"], as_index=False).value.mean()
-                figs.append(px.line(d, x="layer", y="value", color="baseline", markers=True,
-                                    title=f"{metric} per layer, beside its baselines"))
+        figs += _icl_vs_gd_figures(tabs)
     if section == "implied_updates":
         p = tabs.get("probes")
         if p is not None:
@@ -354,17 +389,7 @@ def _figures(section: str, tabs: dict[str, pd.DataFrame]) -> list:
 def _tables(section: str, tabs: dict[str, pd.DataFrame]) -> list[tuple[str, pd.DataFrame]]:
     out = []
     if section == "icl_vs_gd":
-        from .comparison import dai_table
-
-        s = tabs["summary"]
-        for lr in sorted(s.lr.unique()) if "lr" in s else [None]:
-            for m in sorted(s.method.unique()) if "method" in s else [None]:
-                d = s[(s.lr == lr) & (s.method == m)] if lr is not None else s
-                out.append((f"Dai-style table, {m}, lr={lr}", dai_table(d).round(3)))
-        ours = s[(s.layer == -1) & (s.baseline == "model")].groupby(["metric", "method"]).value.mean()
-        side = ANCHORS.pivot_table(index="metric", columns="source", values="value")
-        side = side.join(ours.unstack("method").add_prefix("ours: "), how="left")
-        out.append(("Anchors' numbers beside ours (layer averages)", side.round(3)))
+        out += _icl_vs_gd_tables(tabs)
     elif section == "implied_updates":
         out.append(("Identities: worst relative error", tabs["identities"].groupby("identity")
                     .max_rel_err.max().to_frame()))
@@ -375,6 +400,139 @@ def _tables(section: str, tabs: dict[str, pd.DataFrame]) -> list[tuple[str, pd.D
         for name, df in tabs.items():
             out.append((name, df.head(60)))
     return out
+
+
+SUMMARY_COLUMNS = ["task", "method", "lr", "selected", "run", "metric", "baseline", "kind",
+                   "layer", "value", "ci_low", "ci_high", "n", "verdict"]
+
+
+def icl_vs_gd_summary(tabs: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """The summary with intervals, the compact table and the sweep, from the units' tables."""
+    from .protocol import compact_table, summarise, sweep_rows
+
+    pq, ft = tabs["per_query"], tabs.get("finetune", pd.DataFrame())
+    if "lr" in ft:
+        ft = ft[ft.lr.notna()]
+    sweep = sweep_rows(pq, ft)
+    summary = summarise(pq, tabs.get("per_layer", pd.DataFrame()))
+    sel = {(t, m): lr for t, m, lr in zip(sweep.task, sweep.method, sweep.lr)
+           if sweep.selected[(sweep.task == t) & (sweep.method == m) & (sweep.lr == lr)].any()}
+    summary["selected"] = [sel.get((t, m)) == lr for t, m, lr in
+                           zip(summary.task, summary.method, summary.lr)]
+    summary = summary.reindex(columns=SUMMARY_COLUMNS + [c for c in summary.columns
+                                                         if c not in SUMMARY_COLUMNS])
+    return {"summary": summary, "table": compact_table(summary, ANCHORS), "sweep": sweep}
+
+
+def _write_csv(path: Path, df: pd.DataFrame) -> None:
+    tmp = path.with_suffix(".tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _icl_vs_gd_intro(s: dict, tabs: dict[str, pd.DataFrame]) -> str:
+    c = _icl_vs_gd_settings(s)
+    sw = tabs["sweep"]
+    flagged = sw[sw.flag != ""]
+    items = [f"protocol <b>{c['protocol']}</b>: one demonstration set of k = {c['k']} per seed "
+             f"(train split), one fine-tune per (seed, method, rate), {c['queries']} test "
+             f"queries per seed, seeds {c['seeds']}, read at the <b>{c['position']}</b> position",
+             f"learning rates {c['lrs']}: the rate with the best FT accuracy on {c['dev_queries']} "
+             "dev queries is selected (ties: gold log-probability); baselines run at it",
+             "every value: mean over queries (pooled over seeds) with a 95 % bootstrap interval; "
+             "a baseline cell shows the baseline's value and the verdict on ours − baseline "
+             "(paired by query): <span class=beats>beats baseline</span> only when that "
+             "difference's interval lies above 0",
+             f"{len(flagged)} of {len(sw)} sweep settings flagged (diverged, or FT fixes no "
+             "zero-shot error: Rec2FTP undefined); diverged fine-tunes are excluded from every "
+             "metric"]
+    return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
+
+
+def _verdict_html(cell: str) -> str:
+    cell = html.escape(str(cell))
+    for word, cls in (("(beats baseline)", "beats"), ("(below baseline)", "below"),
+                      ("(not distinguishable)", "nd")):
+        cell = cell.replace(html.escape(word), f"<span class={cls}>{html.escape(word)}</span>")
+    return cell
+
+
+def _icl_vs_gd_tables(tabs: dict[str, pd.DataFrame]) -> list[tuple[str, Any]]:
+    out = []
+    table = tabs["table"]
+    for (task, method), d in table.groupby(["task", "method"], sort=False):
+        d = d.drop(columns=["task", "method"]).copy()
+        lr = d.pop("lr").iloc[0]
+        d = d.set_index("metric")
+        keep = [c for c in d.columns if (d[c] != "").any()]
+        out.append((f"{task}: ICL vs {method} (selected lr = {lr:g})", _HtmlTable(d[keep])))
+    sw = tabs["sweep"].copy()
+    sw["selected"] = np.where(sw.selected, "selected", "")
+    out.append(("Learning-rate sweep (per seed)", sw.round(3)))
+    return out
+
+
+class _HtmlTable:
+    """A table whose cells carry the verdict colours."""
+
+    def __init__(self, df: pd.DataFrame):
+        self.df = df
+
+    def to_html(self, border: int = 0, na_rep: str = "") -> str:
+        head = "<tr><th></th>" + "".join(f"<th>{html.escape(str(c))}</th>"
+                                         for c in self.df.columns) + "</tr>"
+        body = "".join("<tr><td class=metric>" + html.escape(str(i)) + "</td>" +
+                       "".join(f"<td>{_verdict_html(v)}</td>" for v in row) + "</tr>"
+                       for i, row in zip(self.df.index, self.df.itertuples(index=False)))
+        return f"<table>{head}{body}</table>"
+
+
+def _icl_vs_gd_figures(tabs: dict[str, pd.DataFrame]) -> list:
+    import plotly.express as px
+    import plotly.graph_objects as go
+
+    figs = []
+    sw = tabs.get("sweep")
+    if sw is not None and len(sw):
+        d = sw.groupby(["task", "method", "lr"], as_index=False).agg(
+            dev_ft_acc=("dev_ft_acc", "mean"), test_ft_acc=("test_ft_acc", "mean"),
+            test_zs_acc=("test_zs_acc", "mean"), selected=("selected", "any"),
+            diverged=("diverged", "any"), fixes=("ft_fixes", "sum"))
+        d = d.melt(id_vars=["task", "method", "lr", "selected", "diverged", "fixes"],
+                   value_vars=["dev_ft_acc", "test_ft_acc", "test_zs_acc"], var_name="accuracy")
+        fig = px.line(d, x="lr", y="value", color="accuracy", line_dash="method",
+                      facet_col="task", markers=True, log_x=True,
+                      title="Learning-rate sweep: FT accuracy (dev picks the rate), ZS for scale; "
+                            "★ selected, ✕ diverged, ○ FT fixes no ZS error")
+        for _, r in d[d.accuracy == "dev_ft_acc"].iterrows():
+            mark = "★" if r.selected else ("✕" if r.diverged else ("○" if r.fixes == 0 else ""))
+            if mark:
+                col = sorted(d.task.unique()).index(r.task) + 1 if d.task.nunique() > 1 else 1
+                fig.add_annotation(x=np.log10(r.lr), y=r.value, text=mark, showarrow=False,
+                                   yshift=12, row=1, col=col)
+        figs.append(fig)
+    s = tabs["summary"]
+    s = s[(s.layer >= 0) & s.selected.astype(bool)]
+    for metric in ("SimAOU", "SimAM_delta", "Kendall", "weight_cos"):
+        d = s[(s.metric == metric) & (s.kind != "difference")]
+        if d.empty:
+            continue
+        d = d.assign(line=np.where(d.baseline != "", d.baseline, d.run))
+        fig = go.Figure()
+        for (task, method, line), g in d.groupby(["task", "method", "line"]):
+            g = g.sort_values("layer")
+            name = f"{task} {method}: {'ours' if line == 'model' else line}"
+            fig.add_trace(go.Scatter(x=g.layer, y=g.value, mode="lines+markers", name=name,
+                                     line=dict(width=3 if line == "model" else 1)))
+            if line == "model" and g.ci_low.notna().any():
+                fig.add_trace(go.Scatter(x=list(g.layer) + list(g.layer)[::-1],
+                                         y=list(g.ci_high) + list(g.ci_low)[::-1],
+                                         fill="toself", line=dict(width=0), opacity=0.2,
+                                         name=f"{name} 95% CI", showlegend=False))
+        fig.update_layout(title=f"{metric} per layer (selected rate), ours with its 95% interval "
+                                "beside the baselines", xaxis_title="layer", yaxis_title=metric)
+        figs.append(fig)
+    return figs
 
 
 def write_report(config: Config, out: Path, model_label: str = "") -> Path:
@@ -390,16 +548,22 @@ def write_report(config: Config, out: Path, model_label: str = "") -> Path:
         if not tabs:
             parts.append("<p>no finished unit yet</p>")
             continue
+        if section == "icl_vs_gd":
+            tabs.update(icl_vs_gd_summary(tabs))
+            _write_csv(out / "summary.csv", tabs["summary"])
+            parts.append(_icl_vs_gd_intro(config.section(section), tabs))
         for title, df in _tables(section, tabs):
-            parts.append(f"<h3>{html.escape(title)}</h3>" + df.to_html(border=0))
+            parts.append(f"<h3>{html.escape(title)}</h3>" + df.to_html(border=0, na_rep=""))
         for fig in _figures(section, tabs):
             parts.append(fig.to_html(full_html=False, include_plotlyjs=first))
             first = False
     parts.append("<h2>config</h2><pre>" + html.escape(json.dumps(config.body, indent=2)) + "</pre>")
     parts.append("<h2>versions</h2><pre>" + html.escape(json.dumps(_versions(), indent=2)) + "</pre>")
-    style = ("<style>body{font-family:sans-serif;margin:2em;max-width:1200px}"
+    style = ("<style>body{font-family:sans-serif;margin:2em;max-width:1400px}"
              "table{border-collapse:collapse;font-size:13px}td,th{padding:2px 8px;"
-             "border-bottom:1px solid #ddd;text-align:right}</style>")
+             "border-bottom:1px solid #ddd;text-align:right}"
+             ".beats{color:#0a7a28;font-weight:600}.below{color:#b3261e}.nd{color:#777}"
+             "td.metric{text-align:left;font-weight:600}</style>")
     page = f"<!doctype html><html><head><meta charset='utf-8'>{style}</head><body>" + \
         "\n".join(parts) + "</body></html>"
     path = out / "report.html"

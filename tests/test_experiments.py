@@ -1,6 +1,7 @@
 """Every experiment section in a reduced size on a tiny model, the report, and resuming."""
 
 
+import pandas as pd
 import pytest
 
 import icl_probe as ip
@@ -8,8 +9,8 @@ from icl_probe.experiments import (SECTIONS, Config, ExperimentError, load_confi
                                    run_experiment, EXPERIMENTS_DIR)
 
 REDUCED = {
-    "icl_vs_gd": dict(tasks=["capital"], k=2, queries=2, lrs=[1e-2], methods=["dai", "lcgd"],
-                      model_baselines=True),
+    "icl_vs_gd": dict(tasks=["capital"], k=2, queries=3, dev_queries=2, lrs=[1e-3, 1e-1],
+                      methods=["dai", "lcgd"]),
     "implied_updates": dict(tasks=["capital"], k=2, prompts=2, verify_prompts=1),
     "order_sensitivity": dict(tasks=["capital"], n_demos=[1, 2], lrs=[1e-2], orderings=3,
                               queries=1, methods=["dai", "batch", "v:1"]),
@@ -38,10 +39,19 @@ def test_each_section_runs_and_reports(tiny, tmp_path, section):
     page = (out / "report.html").read_text()
     assert "<table" in page and section in page and "versions" in page
     if section == "icl_vs_gd":
-        s = results[section]["summary"]
-        assert {"model", "shuffled_labels", "untrained", "embeddings_only"} <= set(s.baseline)
-        assert set(s.method) == {"dai", "lcgd"}
-        assert "Anchors&#x27; numbers beside ours" in page or "Anchors' numbers beside ours" in page
+        pq = results[section]["per_query"]
+        assert {"model", "shuffled_labels", "untrained", "embeddings_only"} == set(pq.run)
+        assert set(pq.method) == {"dai", "lcgd"}
+        summary = pd.read_csv(out / "summary.csv")
+        assert {"task", "method", "lr", "selected", "metric", "baseline", "layer", "value",
+                "ci_low", "ci_high", "n"} <= set(summary.columns)
+        # one rate selected per method; the baselines ran at it and only at it
+        chosen = summary[summary.selected].groupby("method").lr.unique()
+        assert all(len(v) == 1 for v in chosen)
+        for method, (lr,) in chosen.items():
+            runs = set(pq[(pq.method == method) & (pq.run != "model")].lr)
+            assert runs == {lr}
+        assert "Learning-rate sweep" in page and "Dai et al. GPT 1.3B" in page
     if section == "implied_updates":
         assert results[section]["identities"].max_rel_err.max() < 1e-4
     if section == "order_sensitivity":

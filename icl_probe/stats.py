@@ -1,0 +1,108 @@
+"""Confidence intervals and verdicts for the comparison tables.
+
+Every number the comparison reports carries a 95 % bootstrap interval over its queries
+(:func:`bootstrap_ci`, :func:`scipy.stats.bootstrap`), and every similarity is set against each
+of its baselines through the interval of the paired difference (:func:`paired_difference`):
+the same queries, both runs, resampled together. :func:`verdict` reads that interval:
+``"beats baseline"`` only when it lies above 0.
+
+>>> import numpy as np
+>>> x = np.linspace(0.0, 1.0, 41)
+>>> lo, hi = bootstrap_ci(x)
+>>> bool(lo < 0.5 < hi)
+True
+>>> verdict(*paired_difference(x + 0.3, x)[1:])
+'beats baseline'
+>>> verdict(-0.1, 0.2)
+'not distinguishable'
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from scipy import stats as _st
+
+CONFIDENCE = 0.95
+N_RESAMPLES = 2000
+
+
+def _finite_rows(*arrays: np.ndarray) -> list[np.ndarray]:
+    arrays = [np.asarray(a, dtype=float) for a in arrays]
+    ok = np.ones(len(arrays[0]), dtype=bool)
+    for a in arrays:
+        ok &= np.isfinite(a)
+    return [a[ok] for a in arrays]
+
+
+def bootstrap_ci(values: np.ndarray, statistic: Callable = np.mean, *, seed: int = 0,
+                 confidence: float = CONFIDENCE, n_resamples: int = N_RESAMPLES,
+                 method: str = "BCa") -> tuple[float, float]:
+    """Bootstrap interval of ``statistic`` over ``values`` (NaNs dropped). A statistic must
+    accept ``axis=`` (NumPy reductions do). Fewer than two values: ``(nan, nan)``; values all
+    equal: the degenerate interval ``(v, v)``."""
+    (x,) = _finite_rows(values)
+    if len(x) < 2:
+        return float("nan"), float("nan")
+    if np.all(x == x[0]):
+        v = float(statistic(x, axis=-1))
+        return v, v
+    res = _st.bootstrap((x,), statistic, confidence_level=confidence, n_resamples=n_resamples,
+                        method=method, vectorized=True, random_state=np.random.default_rng(seed))
+    lo, hi = res.confidence_interval
+    if not (np.isfinite(lo) and np.isfinite(hi)) and method != "percentile":
+        return bootstrap_ci(x, statistic, seed=seed, confidence=confidence,
+                            n_resamples=n_resamples, method="percentile")
+    return float(lo), float(hi)
+
+
+def paired_difference(ours: np.ndarray, baseline: np.ndarray, *, seed: int = 0,
+                      confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """Mean of ``ours − baseline`` over the items both have (paired: the same queries) and
+    its bootstrap interval: ``(mean, low, high)``."""
+    a, b = _finite_rows(ours, baseline)
+    d = a - b
+    if len(d) == 0:
+        return float("nan"), float("nan"), float("nan")
+    lo, hi = bootstrap_ci(d, seed=seed, confidence=confidence)
+    return float(d.mean()), lo, hi
+
+
+def rec2ftp_vec(zs: np.ndarray, icl: np.ndarray, ft: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Rec2FTP along ``axis`` (boolean arrays), NaN where fine-tuning fixes no zero-shot
+    error: the vectorised form of :func:`icl_probe.comparison.rec2ftp` for the bootstrap."""
+    zs, icl, ft = (np.asarray(a).astype(bool) for a in (zs, icl, ft))
+    gain = ft & ~zs
+    den = gain.sum(axis=axis)
+    num = (gain & icl).sum(axis=axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.maximum(den, 1) * 100.0, np.nan)
+
+
+def rec2ftp_ci(zs: np.ndarray, icl: np.ndarray, ft: np.ndarray, *, seed: int = 0
+               ) -> tuple[float, float]:
+    """Percentile bootstrap interval of Rec2FTP, resampling queries (all three runs of a
+    query together). Resamples in which fine-tuning fixes nothing are left out."""
+    zs, icl, ft = (np.asarray(a, dtype=bool) for a in (zs, icl, ft))
+    if len(zs) < 2 or not (ft & ~zs).any():
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(zs), size=(N_RESAMPLES, len(zs)))
+    vals = rec2ftp_vec(zs[idx], icl[idx], ft[idx], axis=-1)
+    vals = vals[np.isfinite(vals)]
+    a = (1 - CONFIDENCE) / 2
+    return float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))
+
+
+def verdict(low: float, high: float) -> str:
+    """``"beats baseline"`` when the interval of (ours − baseline) lies above 0, ``"below
+    baseline"`` when it lies below, ``"not distinguishable"`` when it holds 0, ``"n/a"``
+    without an interval."""
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return "n/a"
+    if low > 0:
+        return "beats baseline"
+    if high < 0:
+        return "below baseline"
+    return "not distinguishable"
