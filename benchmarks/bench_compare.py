@@ -1,8 +1,11 @@
-"""Comparator benchmark: the per-query cost of the three runs (ZS, ICL, FT) plus Dai-FT, against
-the bare forwards and backwards it cannot avoid (one ICL forward, two ZS forwards, and one
-forward + backward per demonstration on the kv parameters).
+"""Comparator benchmark: :func:`icl_probe.compare` (shared protocol, one seed, Dai-FT on kv, no
+baseline runs) against the floor it cannot avoid, measured in the same run: one bare forward
+of every ICL prompt and every ZS prompt, k forward + backward steps of the fine-tune (one per
+demonstration, kv parameters), and one bare forward of every ZS prompt through the fine-tuned
+model. ``compare`` also computes every metric, the intervals and the tables.
 
-Run: ``python benchmarks/bench_compare.py``. Medians over interleaved repeats.
+Run: ``python benchmarks/bench_compare.py [--queries 24 --k 16 --repeats 3]``. Medians over
+interleaved repeats; the ratio is the median of per-repeat ratios.
 """
 
 from __future__ import annotations
@@ -15,51 +18,53 @@ import torch.nn.functional as F
 
 import icl_probe as ip
 from _timing import interleaved, ratio
-from icl_probe.comparison import compare_pairs
 from icl_probe.gd import _examples, trainable_parameters
+from icl_probe.protocol import demonstrations
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--queries", type=int, default=4)
-    ap.add_argument("--k", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--queries", type=int, default=24)
+    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     model = ip.load_model(device="cpu")
-    pairs = [ip.build_prompt(model, "sentiment", query=q, k=args.k, seed=q, balanced=True)
-             for q in range(args.queries)]
+    task = ip.load_task("sentiment")
+    demos = demonstrations(task, args.k, 0)
+    pairs = [ip.build_prompt(model, task, q, demos=demos)
+             for q in task.split("test")[: args.queries]]
     kv = list(trainable_parameters(model, "kv").values())
-    for x in model.parameters():  # only kv gets gradients, as in the fine-tune
-        x.requires_grad_(False)
+    cfg = ip.FineTuneConfig(method="dai", params="kv", lr=1e-2)
 
     def bare():
-        for p in pairs:
-            with torch.inference_mode():
+        for x in model.parameters():
+            x.requires_grad_(False)
+        with torch.inference_mode():
+            for p in pairs:
                 model(p.icl_ids[None])
                 model(p.zs_ids[None])
+        for x in kv:
+            x.requires_grad_(True)
+        for ids, mask in _examples(pairs[0], "demo"):
+            t = mask.nonzero()[:, 0]
+            F.cross_entropy(model(ids[None])[0, t - 1], ids[t]).backward()
+        for x in kv:
+            x.grad = None
+            x.requires_grad_(False)
+        with torch.inference_mode():  # the fine-tuned model's forwards: same cost as the base
+            for p in pairs:
                 model(p.zs_ids[None])
-            for x in kv:
-                x.requires_grad_(True)
-            for ids, mask in _examples(p, label_only=False):
-                t = mask.nonzero()[:, 0]
-                loss = F.cross_entropy(model(ids[None])[0, t - 1], ids[t])
-                loss.backward()
-            for x in kv:
-                x.grad = None
-                x.requires_grad_(False)
 
     def ours():
-        compare_pairs(model, pairs, dict(method="dai", params="kv", lr=1e-3), progress=False)
+        ip.compare(model, task, k=args.k, queries=args.queries, gd=cfg, baselines=(),
+                   progress=False)
 
-    runs = {"bare": bare, "compare": ours}
-    times = interleaved(runs, args.repeats)
-    n = len(pairs)
-    print(f"# {torch.get_num_threads()} threads, torch {torch.__version__}; {n} sentiment "
-          f"queries, k={args.k}, Dai-FT on kv")
+    times = interleaved({"floor": bare, "compare": ours}, args.repeats)
+    print(f"# {torch.get_num_threads()} threads, torch {torch.__version__}; sentiment, "
+          f"{len(pairs)} queries, k={args.k}, shared protocol, Dai-FT on kv, no baseline runs")
     for name, ts in times.items():
-        print(f"{name:>8}: {statistics.median(ts) / n * 1e3:8.1f} ms per query (median of {len(ts)})")
-    r = ratio(times, "compare", "bare")
-    print(f"ratio compare / bare forwards+backwards: {r:.3f}")
+        print(f"{name:>8}: {statistics.median(ts):7.2f} s (median of {len(ts)})")
+    print(f"ratio compare / floor: {ratio(times, 'compare', 'floor'):.3f}")
 
 
 if __name__ == "__main__":
