@@ -9,10 +9,10 @@ import pytest
 import icl_probe as ip
 from icl_probe.tasks import load_anchor_dataset
 
-MIN_ITEMS = {"sentiment": 200, "topic": 200}
+MIN_ITEMS = {"sentiment": 200, "topic": 200, "subjectivity": 200}
 
 
-@pytest.mark.parametrize("name", ["sentiment", "topic", "antonym", "capital", "en_fr", "plural",
+@pytest.mark.parametrize("name", ["sentiment", "topic", "subjectivity", "antonym", "capital", "en_fr", "plural",
                                   "past_tense"])
 def test_shipped_task_sizes_and_balance(name):
     task = ip.load_task(name)
