@@ -121,9 +121,12 @@ def _icl_vs_gd_units(s: dict) -> list[dict]:
     """Stage 1: every (task, seed, method, lr) on the model itself, dev and test queries.
     Stage 2: every baseline run at the rate stage 1 selected (read from the finished stage-1
     units when the unit runs)."""
+    from .protocol import lr_grid
+
     c = _icl_vs_gd_settings(s)
+    grid = lr_grid(c["lrs"], c["methods"])
     sweep = [dict(stage="sweep", task=t, seed=seed, method=m, lr=lr) for t in c["tasks"]
-             for m in c["methods"] for lr in c["lrs"] for seed in c["seeds"]]
+             for m in c["methods"] for lr in grid[m] for seed in c["seeds"]]
     base = [dict(stage="baseline", task=t, seed=seed, method=m, run=b) for t in c["tasks"]
             for m in c["methods"] for b in c["baselines"] for seed in c["seeds"]]
     return sweep + base
@@ -135,30 +138,34 @@ def _comparison(model: Any, c: dict, task: str, ctx: dict) -> Any:
 
     cache = ctx.setdefault("comparisons", {})
     if task not in cache:
+        # the random-weight baseline models are built once and shared by every task
         cache[task] = Comparison(model, task, k=c["k"], queries=c["queries"],
                                  dev_queries=c["dev_queries"], protocol=c["protocol"],
-                                 position=c["position"], balanced=c["balanced"], progress=False)
+                                 position=c["position"], balanced=c["balanced"],
+                                 baseline_models=ctx.setdefault("baseline_models", {}),
+                                 progress=False)
     return cache[task]
 
 
 def _icl_vs_gd_run(model: Any, u: dict, s: dict, ctx: dict) -> dict[str, pd.DataFrame]:
-    from .protocol import FineTuneConfig, select_lr, sweep_rows
+    from .protocol import FineTuneConfig, lr_grid, select_lr, sweep_rows
 
     c = _icl_vs_gd_settings(s)
     comp = _comparison(model, c, u["task"], ctx)
     if u["stage"] == "sweep":
         cfg = FineTuneConfig(method=u["method"], params=c["params"], lr=u["lr"],
                              loss_tokens=c["loss_tokens"])
-        splits = ("test", "dev") if len(c["lrs"]) > 1 else ("test",)
+        splits = ("test", "dev") if len(lr_grid(c["lrs"], c["methods"])[u["method"]]) > 1 \
+            else ("test",)
         return comp.run(cfg, u["seed"], "model", splits)
     done = read_results(ctx["out"]).get("icl_vs_gd", {})
     name = FineTuneConfig(method=u["method"], params=c["params"]).name
     chosen = select_lr(sweep_rows(done["per_query"], done["finetune"])) if done else {}
-    if name not in chosen:
+    if (u["task"], name) not in chosen:
         # every rate diverged: nothing to compare the baseline with
         return {"finetune": pd.DataFrame([{"task": u["task"], "method": name, "run": u["run"],
                                            "seed": u["seed"], "skipped": "every rate diverged"}])}
-    cfg = FineTuneConfig(method=u["method"], params=c["params"], lr=chosen[name],
+    cfg = FineTuneConfig(method=u["method"], params=c["params"], lr=chosen[(u["task"], name)],
                          loss_tokens=c["loss_tokens"])
     return comp.run(cfg, u["seed"], u["run"], ("test",))
 
@@ -512,27 +519,56 @@ def _icl_vs_gd_figures(tabs: dict[str, pd.DataFrame]) -> list:
                                    yshift=12, row=1, col=col)
         figs.append(fig)
     s = tabs["summary"]
-    s = s[(s.layer >= 0) & s.selected.astype(bool)]
-    for metric in ("SimAOU", "SimAM_delta", "Kendall", "weight_cos"):
-        d = s[(s.metric == metric) & (s.kind != "difference")]
+    s = s[(s.layer >= 0) & s.selected.astype(bool) & (s.kind != "difference")]
+    for metric in ("SimAOU_norm", "SimAOU", "SimAM_delta", "Kendall", "weight_cos"):
+        d = s[s.metric == metric]
         if d.empty:
             continue
-        d = d.assign(line=np.where(d.baseline != "", d.baseline, d.run))
-        fig = go.Figure()
-        for (task, method, line), g in d.groupby(["task", "method", "line"]):
-            g = g.sort_values("layer")
-            name = f"{task} {method}: {'ours' if line == 'model' else line}"
-            fig.add_trace(go.Scatter(x=g.layer, y=g.value, mode="lines+markers", name=name,
-                                     line=dict(width=3 if line == "model" else 1)))
-            if line == "model" and g.ci_low.notna().any():
-                fig.add_trace(go.Scatter(x=list(g.layer) + list(g.layer)[::-1],
-                                         y=list(g.ci_high) + list(g.ci_low)[::-1],
-                                         fill="toself", line=dict(width=0), opacity=0.2,
-                                         name=f"{name} 95% CI", showlegend=False))
-        fig.update_layout(title=f"{metric} per layer (selected rate), ours with its 95% interval "
-                                "beside the baselines", xaxis_title="layer", yaxis_title=metric)
-        figs.append(fig)
+        figs.append(_per_layer_figure(metric, d.assign(
+            line=np.where(d.baseline != "", d.baseline, d.run))))
     return figs
+
+
+# one colour per line kind, the same in every panel; ours is drawn thick, with its interval
+_LINE_COLOURS = {"model": "#1a1a1a", "shuffled_labels": "#e8710a", "untrained": "#1a73e8",
+                 "embeddings_only": "#12b5cb", "random_update": "#9aa0a6",
+                 "uniform_random": "#c5221f", "SimAM_before": "#9334e6"}
+
+
+def _per_layer_figure(metric: str, d: pd.DataFrame) -> Any:
+    """One panel per (task, method): ours with its 95 % band beside every baseline."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    tasks, methods = sorted(d.task.unique()), sorted(d.method.unique())
+    titles = [f"{t}, {m} (lr {d[(d.task == t) & (d.method == m)].lr.iloc[0]:g})"
+              if len(d[(d.task == t) & (d.method == m)]) else f"{t}, {m}"
+              for t in tasks for m in methods]
+    fig = make_subplots(rows=len(tasks), cols=len(methods), subplot_titles=titles,
+                        shared_xaxes=True, shared_yaxes=True, vertical_spacing=0.08)
+    shown = set()
+    for i, t in enumerate(tasks, 1):
+        for j, m in enumerate(methods, 1):
+            g = d[(d.task == t) & (d.method == m)]
+            for line, h in g.groupby("line"):
+                h = h.sort_values("layer")
+                colour = _LINE_COLOURS.get(line, "#5f6368")
+                name = "ours" if line == "model" else line
+                if line == "model" and h.ci_low.notna().any():
+                    fig.add_trace(go.Scatter(
+                        x=list(h.layer) + list(h.layer)[::-1],
+                        y=list(h.ci_high) + list(h.ci_low)[::-1], fill="toself",
+                        fillcolor="rgba(26,26,26,0.15)", line=dict(width=0), hoverinfo="skip",
+                        showlegend=False), row=i, col=j)
+                fig.add_trace(go.Scatter(x=h.layer, y=h.value, mode="lines", name=name,
+                                         legendgroup=name, showlegend=name not in shown,
+                                         line=dict(color=colour, width=3 if line == "model" else 1.2)),
+                              row=i, col=j)
+                shown.add(name)
+    fig.update_layout(title=f"{metric} per layer at the selected rate: ours (95 % band) beside "
+                            "its baselines", height=320 * len(tasks) + 80)
+    fig.update_xaxes(title_text="layer", row=len(tasks))
+    return fig
 
 
 def write_report(config: Config, out: Path, model_label: str = "") -> Path:

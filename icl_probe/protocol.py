@@ -432,7 +432,8 @@ class Comparison:
         self.protocol, self.position, self.balanced = protocol, position, balanced
         self.queries = resolve_queries(self.task, queries, "test")
         self.dev_queries = resolve_queries(self.task, dev_queries, "dev")
-        self.models = dict(baseline_models or {})
+        # not copied: a caller may share one dict (and the models built into it) across tasks
+        self.models = baseline_models if baseline_models is not None else {}
         self.model_seed, self.progress = model_seed, progress
         self._refs: dict[tuple, _Refs] = {}
         self._pairs: dict[tuple, list[PromptPair]] = {}
@@ -545,17 +546,17 @@ def _dev_rows(pairs: list[PromptPair], fts: list[Any], keys: dict) -> list[dict]
     return rows
 
 
-def select_lr(sweep: pd.DataFrame) -> dict[str, float]:
-    """Per method, the rate with the best mean dev-split FT accuracy over seeds (ties: the
-    higher mean gold-answer log-probability); diverged rates are never chosen."""
+def select_lr(sweep: pd.DataFrame) -> dict[tuple[str, str], float]:
+    """Per (task, method), the rate with the best mean dev-split FT accuracy over seeds (ties:
+    the higher mean gold-answer log-probability); diverged rates are never chosen."""
     out = {}
-    for method, d in sweep.groupby("method"):
+    for key, d in sweep.groupby(["task", "method"]):
         ok = d[~d.diverged]
         if ok.empty:
             continue
         g = ok.groupby("lr").agg(acc=("dev_ft_acc", "mean"), lp=("dev_gold_logprob", "mean"))
         g = g.sort_values(["acc", "lp"], ascending=False)
-        out[method] = float(g.index[0])
+        out[key] = float(g.index[0])
     return out
 
 
@@ -584,7 +585,8 @@ def sweep_rows(per_query: pd.DataFrame, finetunes: pd.DataFrame) -> pd.DataFrame
     out = pd.DataFrame(rows)
     if len(out):
         chosen = select_lr(out)
-        out["selected"] = [chosen.get(m) == lr for m, lr in zip(out.method, out.lr)]
+        out["selected"] = [chosen.get((t, m)) == lr for t, m, lr in
+                           zip(out.task, out.method, out.lr)]
         out["flag"] = np.where(out.diverged, "diverged",
                                np.where(out.ft_fixes == 0, "FT fixes no zero-shot error", ""))
     return out
@@ -763,9 +765,27 @@ def compact_table(summary: pd.DataFrame, anchors: pd.DataFrame | None = None) ->
                 r[b] = (fmt(val.iloc[0]) if len(val) else "") + f" ({row.verdict})"
             if anchors is not None:
                 for _, a in anchors[anchors.metric == metric].iterrows():
+                    # Deutch et al. report GD and LCGD apart: show the one this method matches
+                    if ("(LCGD)" in a.source) != method.startswith("lcgd"):
+                        if "(GD)" in a.source or "(LCGD)" in a.source:
+                            continue
                     r[a.source] = f"{a.value:g}"
             rows.append(r)
-    return pd.DataFrame(rows).fillna("")
+    out = pd.DataFrame(rows).fillna("")
+    front = ["task", "method", "lr", "metric", "ours"]
+    runs = [b for b in BASELINES if b in out] + sorted(
+        c for c in out if c not in front and c not in BASELINES and c not in _IN_RUN_NAMES
+        and not _is_anchor(c, anchors))
+    in_run = [b for b in _IN_RUN_NAMES if b in out]
+    anchor_cols = [c for c in out if _is_anchor(c, anchors)]
+    return out[front + runs + in_run + anchor_cols] if len(out) else out
+
+
+_IN_RUN_NAMES = ("random_update", "uniform_random", "SimAM_before")
+
+
+def _is_anchor(col: str, anchors: pd.DataFrame | None) -> bool:
+    return anchors is not None and col in set(anchors.source)
 
 
 def _fmt(row: Any) -> str:
@@ -777,8 +797,29 @@ def _fmt(row: Any) -> str:
     return f"{v:.3g}"
 
 
+def lr_grid(lrs: Any, methods: Sequence[str]) -> dict[str, list[float]]:
+    """The rates each method sweeps: ``None`` (each config's own rate), one list for every
+    method, or a dict ``{method name: [rates]}`` (LCGD sums 30 logit-lens losses, so its
+    useful range sits lower than Dai-FT's)."""
+    if lrs is None:
+        return {}
+    if isinstance(lrs, dict):
+        unknown = set(lrs) - set(methods)
+        missing = set(methods) - set(lrs)
+        if unknown or missing:
+            raise CompareError(f"lrs={lrs}: give rates for exactly the methods {list(methods)} "
+                               f"(unknown {sorted(unknown)}, missing {sorted(missing)})")
+        out = {m: [float(x) for x in v] for m, v in lrs.items()}
+    else:
+        out = {m: [float(x) for x in lrs] for m in methods}
+    for m, v in out.items():
+        if not v or any(not (0 < x < float("inf")) for x in v):
+            raise CompareError(f"lrs for {m}: {v}: expected positive finite rates")
+    return out
+
+
 def compare(model: Any, task: Any, *, k: int = 32, queries: Any = None,
-            seeds: Sequence[int] = (0,), gd: Any = None, lrs: Sequence[float] | None = None,
+            seeds: Sequence[int] = (0,), gd: Any = None, lrs: Any = None,
             dev_queries: Any = None, protocol: str = "shared",
             baselines: Sequence[str] = BASELINES, baseline_models: dict[str, Any] | None = None,
             position: str = "pred", balanced: bool = False, progress: bool | None = None,
@@ -790,20 +831,22 @@ def compare(model: Any, task: Any, *, k: int = 32, queries: Any = None,
     first n) or item indices; ``seeds``: one demonstration set and fine-tune each; ``gd``: a
     :class:`FineTuneConfig` or a list (one per method); ``lrs``: a learning-rate sweep (each
     method fine-tuned at every rate; the dev split's queries pick one, the baselines run at
-    it); ``dev_queries``: as ``queries``, for the dev split; ``baselines``: baseline runs
+    it; a dict gives each method its own rates, see :func:`lr_grid`); ``dev_queries``: as
+    ``queries``, for the dev split; ``baselines``: baseline runs
     (:data:`BASELINES`, or names of ``baseline_models``); ``position``: ``"pred"`` (the
     prediction position) or ``"label"`` (Dai's reading point, one token later)."""
     configs = _as_configs(gd)
     seeds = [int(s) for s in ([seeds] if isinstance(seeds, int) else seeds)]
     if not seeds:
         raise CompareError("seeds=[]: give at least one seed")
-    lrs = list(lrs) if lrs is not None else None
+    grid = lr_grid(lrs, [c.name for c in configs])
     unknown = [b for b in baselines if b not in BASELINES and b not in (baseline_models or {})]
     if unknown:
         raise CompareError(f"baselines={list(baselines)}: unknown {unknown}; expected some of "
                            f"{BASELINES} or names given in baseline_models")
     c = Comparison(model, task, k=k, queries=queries, dev_queries=dev_queries, protocol=protocol,
-                   position=position, balanced=balanced, baseline_models=baseline_models,
+                   position=position, balanced=balanced,
+                   baseline_models=dict(baseline_models or {}),
                    model_seed=seeds[0], progress=progress)
     tables: dict[str, list[pd.DataFrame]] = {"per_query": [], "per_layer": [], "per_head": [],
                                              "finetune": []}
@@ -813,19 +856,19 @@ def compare(model: Any, task: Any, *, k: int = 32, queries: Any = None,
             tables[name].append(df)
 
     sweep_settings = [(dataclasses.replace(cfg, lr=lr), s) for cfg in configs
-                      for lr in (lrs or [cfg.lr]) for s in seeds]
+                      for lr in grid.get(cfg.name, [cfg.lr]) for s in seeds]
     bar = tqdm(total=len(sweep_settings) + len(configs) * len(seeds) * len(baselines),
                desc=f"compare {c.task.name}", unit="fine-tune",
                disable=not (progress or progress is None and len(sweep_settings) > 2))
-    splits = ("test", "dev") if lrs and len(lrs) > 1 else ("test",)
+    splits = ("test", "dev") if any(len(v) > 1 for v in grid.values()) else ("test",)
     for cfg, s in sweep_settings:
         add(c.run(cfg, s, "model", splits))
         bar.update()
     per_query = pd.concat(tables["per_query"], ignore_index=True)
     ft_rows = pd.concat(tables["finetune"], ignore_index=True)
     sweep = sweep_rows(per_query, ft_rows)
-    chosen = select_lr(sweep) if splits == ("test", "dev") else {
-        cfg.name: cfg.lr for cfg in configs}
+    chosen = {m: lr for (_, m), lr in select_lr(sweep).items()} if splits == ("test", "dev") \
+        else {cfg.name: cfg.lr for cfg in configs}
     for cfg in configs:
         if cfg.name not in chosen:
             continue  # every rate diverged: reported in the sweep, no baselines

@@ -103,6 +103,25 @@ def test_compare_counts_fine_tunes_and_runs_baselines_at_the_selected_rate(tiny)
     assert (t.table.metric == "SimAOU_norm").any()
 
 
+def test_the_rate_is_selected_per_task_and_method_on_dev_accuracy():
+    import pandas as pd
+
+    rows = []
+    for task, best in (("a", 0.1), ("b", 0.01)):
+        for lr in (0.01, 0.1, 1.0):
+            rows.append({"task": task, "method": "dai", "lr": lr, "seed": 0,
+                         "dev_ft_acc": 0.9 if lr == best else 0.5, "dev_gold_logprob": -1.0,
+                         "diverged": lr == 1.0})
+    # a diverged rate is never chosen, however accurate
+    rows.append({"task": "a", "method": "dai", "lr": 1.0, "seed": 1, "dev_ft_acc": 1.0,
+                 "dev_gold_logprob": 0.0, "diverged": True})
+    # ties in accuracy go to the higher gold log-probability
+    rows += [{"task": "c", "method": "dai", "lr": lr, "seed": 0, "dev_ft_acc": 0.7,
+              "dev_gold_logprob": lp, "diverged": False} for lr, lp in ((0.01, -2.0), (0.1, -1.0))]
+    chosen = P.select_lr(pd.DataFrame(rows))
+    assert chosen == {("a", "dai"): 0.1, ("b", "dai"): 0.01, ("c", "dai"): 0.1}
+
+
 def test_bad_requests_get_clear_errors(tiny):
     with pytest.raises(ip.CompareError, match="protocol"):
         ip.compare(tiny, "capital", k=2, queries=2, protocol="per-query")
@@ -114,6 +133,8 @@ def test_bad_requests_get_clear_errors(tiny):
         ip.compare(tiny, "capital", k=2, queries=2, baselines=("random",))
     with pytest.raises(ip.CompareError, match="k="):
         ip.compare(tiny, "capital", k=0, queries=2)
+    with pytest.raises(ip.CompareError, match="exactly the methods"):
+        ip.compare(tiny, "capital", k=2, queries=2, lrs={"lcgd": [1e-2]})
 
 
 # ------------------------------------------------------------------------------ prefix reuse
