@@ -29,8 +29,8 @@ writes ``q = W_Q r``; docstrings say where the transpose matters.
 """
 
 from .protocol import CompareError, FineTuneConfig, Tables, compare
-from .errors import (CacheError, IclProbeError, ModelLoadError, PromptError, TaskFileError,
-                     TraceError)
+from .errors import (CacheError, ConfigError, ExperimentError, IclProbeError, ModelLoadError,
+                     PromptError, TaskFileError, TraceError)
 from .gd import FineTune, FineTuneError, FineTunedModel, finetune
 from .hooks import QUANTITIES, AttentionRecord, expand_kv, trace
 from .models import cache_dir, embedded_gguf_path, load_model, tiny_model
@@ -42,7 +42,7 @@ from .tasks import Task, load_anchor_dataset, load_task, shipped_tasks
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionRecord", "CacheError", "CompareError", "FineTuneConfig", "Tables", "compare", "FineTune", "FineTuneError", "FineTunedModel", "finetune", "ImpliedUpdates", "ProbeError", "implied_updates",
+    "AttentionRecord", "CacheError", "CompareError", "ConfigError", "ExperimentError", "FineTuneConfig", "Tables", "compare", "FineTune", "FineTuneError", "FineTunedModel", "finetune", "ImpliedUpdates", "ProbeError", "implied_updates",
     "verify_identities", "IclProbeError", "ModelLoadError", "PromptError",
     "PromptPair", "QUANTITIES", "Spans", "Task", "TaskFileError", "TraceError", "build_prompt",
     "build_prompts", "cache_dir", "embedded_gguf_path", "expand_kv", "load_anchor_dataset",

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import IclProbeError
+from .errors import ExperimentError, IclProbeError, PromptError
 
 
 def _models(args: argparse.Namespace) -> dict:
@@ -75,6 +75,18 @@ def _inspect(args: argparse.Namespace) -> int:
     from .models import load_model
     from .prompts import build_prompt
 
+    if args.prompt is None:  # check the request before the model load it would wait for
+        from .tasks import load_task
+
+        task = load_task(args.task)
+        if args.k < 0:
+            raise PromptError(f"--k {args.k}: the number of demonstrations must be >= 0")
+        if not 0 <= args.query < len(task):
+            raise PromptError(f"--query {args.query}: task {task.name!r} has items "
+                              f"0..{len(task) - 1}")
+        if args.k > len(task) - 1:
+            raise PromptError(f"--k {args.k}: task {task.name!r} has only {len(task) - 1} items "
+                              "besides the query")
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     if args.prompt is not None:
         return _inspect_text(model, args)
@@ -130,6 +142,32 @@ def _inspect_text(model, args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from .experiments import (EXPERIMENTS_DIR, finished_units, load_config, output_dir,
+                              run_experiment)
+
+    if args.all and args.config:
+        raise ExperimentError(f"run {args.config} --all: give one config or --all (every "
+                              "shipped config, about a day of compute on a CPU), not both")
+    if args.all:
+        paths = sorted(EXPERIMENTS_DIR.glob("*.toml"))
+    else:
+        paths = [Path(args.config) if args.config else EXPERIMENTS_DIR / "default.toml"]
+    configs = [load_config(p) for p in paths]  # every config validated before any work
+    for path, config in zip(paths, configs):
+        out = output_dir(config, Path(args.out) / path.stem if args.out and args.all
+                         else args.out)
+        try:
+            run_experiment(config, model_name=args.model, out=out, device=args.device,
+                           dtype=args.dtype)
+        except KeyboardInterrupt:
+            n = len(finished_units(out))
+            print(f"\ninterrupted: {n} units kept in {out}, rerun the same command to resume",
+                  file=sys.stderr)
+            return 130
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="icl-probe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,16 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "inspect":
             return _inspect(args)
         elif args.command == "run":
-            from .experiments import EXPERIMENTS_DIR, load_config, run_experiment
-
-            if args.all:
-                paths = sorted(EXPERIMENTS_DIR.glob("*.toml"))
-            else:
-                paths = [Path(args.config) if args.config else EXPERIMENTS_DIR / "default.toml"]
-            for path in paths:
-                out = Path(args.out) / path.stem if args.out and args.all else args.out
-                run_experiment(load_config(path), model_name=args.model, out=out,
-                               device=args.device, dtype=args.dtype)
+            return _run(args)
     except IclProbeError as e:
         print(f"icl-probe: error: {e}", file=sys.stderr)
         return 2

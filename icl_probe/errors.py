@@ -28,3 +28,12 @@ class PromptError(IclProbeError):
 
 class TraceError(IclProbeError):
     """A trace request does not fit the model or the prompts."""
+
+
+class ExperimentError(IclProbeError):
+    """An experiment cannot run: its output directory holds other results, is in use, or the
+    run was interrupted."""
+
+
+class ConfigError(ExperimentError):
+    """An experiment config is malformed: the message names the file, the table and the key."""

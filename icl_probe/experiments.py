@@ -43,9 +43,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .errors import IclProbeError
+from .config import EXPERIMENTS_DIR, Config, load_config  # noqa: F401 (re-exported)
+from .errors import ConfigError, ExperimentError, IclProbeError  # noqa: F401
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 
 # Reference numbers (REFERENCE.md §3): Dai et al. GPT 1.3B / 2.7B averages, Deutch et al.
 ANCHORS = pd.DataFrame([
@@ -61,46 +61,6 @@ ANCHORS = pd.DataFrame([
     ("SimAM_delta", "Deutch et al. GPT 1.3B (GD)", 0.267),
     ("SimAM_delta", "Deutch et al. GPT 1.3B (LCGD)", 0.336),
 ], columns=["metric", "source", "value"])
-
-
-class ExperimentError(IclProbeError):
-    """An experiment config is malformed or conflicts with existing results."""
-
-
-@dataclass(frozen=True)
-class Config:
-    name: str
-    sections: tuple[str, ...]
-    body: dict  # the whole parsed TOML
-    path: str | None = None
-
-    @property
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.body, sort_keys=True).encode()).hexdigest()[:10]
-
-    def section(self, name: str) -> dict:
-        return dict(self.body.get(name, {}))
-
-
-def load_config(path: str | Path) -> Config:
-    """Read and check an experiment TOML file."""
-    import tomllib
-
-    path = Path(path)
-    if not path.is_file():
-        raise ExperimentError(f"experiment config {path} does not exist; shipped configs: "
-                              f"{', '.join(p.name for p in sorted(EXPERIMENTS_DIR.glob('*.toml')))}")
-    try:
-        body = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ExperimentError(f"{path}: not valid TOML ({e})") from e
-    exp = body.get("experiment", {})
-    sections = tuple(exp.get("sections", ()))
-    unknown = [s for s in sections if s not in SECTIONS]
-    if not sections or unknown:
-        raise ExperimentError(f"{path}: [experiment] sections must list some of {sorted(SECTIONS)}; "
-                              f"got {list(sections)}")
-    return Config(exp.get("name", path.stem), sections, body, str(path))
 
 
 # ------------------------------------------------------------------------------ sections
@@ -260,27 +220,57 @@ def _unit_id(section: str, unit: dict) -> str:
     return "__".join(p.replace("/", "_").replace(" ", "") for p in parts)
 
 
+COMPLETE = "COMPLETE"  # a unit's completion marker, written last: the digest of its files
+
+
+def _files_digest(d: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(d.iterdir()):
+        if f.is_file() and f.name != COMPLETE:
+            h.update(f.name.encode())
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def unit_finished(d: Path) -> bool:
+    """A unit directory counts as finished only when its completion marker, written last,
+    matches the digest of the files beside it (an empty or partial directory does not)."""
+    marker = d / COMPLETE
+    try:
+        return marker.is_file() and marker.read_text().strip() == _files_digest(d)
+    except OSError:
+        return False
+
+
 def _write_unit(root: Path, uid: str, tables: dict[str, pd.DataFrame], meta: dict) -> None:
-    """All of a unit's tables appear at once or not at all (rename of a finished temp dir)."""
+    """All of a unit's tables appear at once or not at all: written into a temporary
+    directory, sealed with the completion marker, then renamed into place."""
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{uid}.", dir=root))
     try:
         for name, df in tables.items():
             df.to_csv(tmp / f"{name}.csv", index=False)
         (tmp / "unit.json").write_text(json.dumps(meta, indent=2, default=str))
-        os.replace(tmp, root / uid)
+        (tmp / COMPLETE).write_text(_files_digest(tmp))
+        final = root / uid
+        if final.exists():  # an unfinished leftover of an earlier run
+            shutil.rmtree(final)
+        os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def finished_units(out: str | Path) -> list[Path]:
+    units = Path(out) / "units"
+    return [d for d in sorted(units.iterdir()) if not d.name.startswith(".")
+            and d.is_dir() and unit_finished(d)] if units.is_dir() else []
+
+
 def read_results(out: str | Path) -> dict[str, dict[str, pd.DataFrame]]:
     """Every finished unit's tables, concatenated per section and table."""
     res: dict[str, dict[str, list[pd.DataFrame]]] = {}
-    units = Path(out) / "units"
-    for d in sorted(units.iterdir()) if units.is_dir() else []:
-        if d.name.startswith(".") or not (d / "unit.json").is_file():
-            continue
+    for d in finished_units(out):
         meta = json.loads((d / "unit.json").read_text())
         for f in sorted(d.glob("*.csv")):
             try:
@@ -288,10 +278,114 @@ def read_results(out: str | Path) -> dict[str, dict[str, pd.DataFrame]]:
             except pd.errors.EmptyDataError:
                 continue
             for k, v in meta["unit"].items():
-                if k not in df.columns:
+                if k not in df.columns and k != "stage":
                     df.insert(0, k, v)
             res.setdefault(meta["section"], {}).setdefault(f.stem, []).append(df)
     return {s: {t: pd.concat(v, ignore_index=True) for t, v in tabs.items()} for s, tabs in res.items()}
+
+
+# ------------------------------------------------------------------------------ provenance
+
+
+def model_identity(model: Any) -> dict:
+    """Where the model came from and a digest of its configuration and weights (float64 sums
+    of every parameter: a different checkpoint, or the same one in another dtype, differs)."""
+    info = getattr(model, "icl_probe_info", None)
+    hf = getattr(model, "original_model", model)
+    h = hashlib.sha256()
+    cfg = getattr(hf, "config", None)
+    if cfg is not None and hasattr(cfg, "to_json_string"):
+        h.update(cfg.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, p in sorted(hf.named_parameters()):
+            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+            x = p.detach().double()
+            h.update(np.array([float(x.sum()), float((x * x).sum())]).tobytes())
+    return {"source": getattr(info, "source", "memory"), "label": getattr(info, "label", "model"),
+            "path": getattr(info, "path", None), "digest": h.hexdigest()[:16]}
+
+
+def provenance(model: Any, config: Config) -> dict:
+    """Everything that must match for two units' results to be comparable."""
+    from . import __version__
+
+    p = next(model.parameters())
+    return {"model": model_identity(model), "dtype": str(p.dtype).replace("torch.", ""),
+            "device": p.device.type, "icl_probe": __version__, "config": config.digest}
+
+
+def _provenance_mismatch(old: dict, new: dict) -> list[str]:
+    diffs = []
+    for key in ("model", "dtype", "device", "icl_probe", "config"):
+        a, b = old.get(key), new.get(key)
+        if key == "model" and isinstance(a, dict) and isinstance(b, dict):
+            if a.get("digest") != b.get("digest"):
+                diffs.append(f"model: {a.get('label')} ({a.get('digest')}) before, "
+                             f"{b.get('label')} ({b.get('digest')}) now")
+        elif a != b:
+            diffs.append(f"{key}: {a} before, {b} now")
+    return diffs
+
+
+# ------------------------------------------------------------------------------ running
+
+
+def output_dir(config: Config, out: str | Path | None) -> Path:
+    return Path(out) if out is not None else Path("runs") / f"{config.name}-{config.digest}"
+
+
+class _Lock:
+    """``OUT/.lock`` while a run writes to OUT: a second run on the same directory stops with
+    a clear message instead of computing the same units. A lock whose process is gone (a
+    killed run) is taken over."""
+
+    def __init__(self, out: Path):
+        self.path = out / ".lock"
+
+    def __enter__(self) -> "_Lock":
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().split()[0])
+                except (OSError, ValueError, IndexError):
+                    pid = -1
+                if pid > 0 and _alive(pid) and pid != os.getpid():
+                    raise ExperimentError(
+                        f"{self.path.parent} is in use by another icl-probe run (pid {pid}). "
+                        "Wait for it to finish, or give this run another --out") from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()} {platform.node()}\n")
+            return self
+        raise ExperimentError(f"could not take the lock {self.path}; remove it if no run is active")
+
+    def __exit__(self, *exc: Any) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_leftovers(out: Path) -> int:
+    """Remove temporary unit directories of interrupted runs and unit directories without a
+    valid completion marker; returns how many were removed."""
+    units = out / "units"
+    n = 0
+    for d in units.iterdir() if units.is_dir() else []:
+        if d.is_dir() and (d.name.startswith(".") or not unit_finished(d)):
+            shutil.rmtree(d, ignore_errors=True)
+            n += 1
+    return n
 
 
 def run_experiment(config: Config, *, model: Any = None, model_name: str | None = None,
@@ -299,31 +393,47 @@ def run_experiment(config: Config, *, model: Any = None, model_name: str | None 
                    dtype: str | None = None, progress: bool | None = None,
                    unit_hook: Callable[[str], None] | None = None) -> Path:
     """Run every unfinished unit of ``config`` and write ``report.html``; returns the output
-    directory. ``model`` (a loaded model) or ``model_name`` override the config's model."""
+    directory. ``model`` (a loaded model) or ``model_name`` override the config's model.
+
+    The directory is locked while the run writes to it; its stamp (``config.json``) records
+    the config digest and the provenance of the results (model identity, dtype, device kind,
+    package version), and a run whose provenance differs is refused before any unit runs."""
     from .models import load_model
 
     exp = config.section("experiment")
     name = model_name if model_name is not None else exp.get("model")
-    out = Path(out) if out is not None else Path("runs") / f"{config.name}-{config.digest}"
+    out = output_dir(config, out)
     out.mkdir(parents=True, exist_ok=True)
-    stamp = out / "config.json"
-    if stamp.is_file():
-        old = json.loads(stamp.read_text())
-        if old.get("digest") != config.digest:
+    with _Lock(out):
+        stamp = out / "config.json"
+        old = json.loads(stamp.read_text()) if stamp.is_file() else None
+        if old is not None and old.get("digest") != config.digest:
             raise ExperimentError(
                 f"{out} holds results of a different config (digest {old.get('digest')}, this "
                 f"one {config.digest}); use another --out, or delete {out}")
-    else:
-        stamp.write_text(json.dumps({"digest": config.digest, "config": config.body,
-                                     "path": config.path}, indent=2))
-    units = [(sec, u) for sec in config.sections for u in SECTIONS[sec][0](config.section(sec))]
-    todo = [(sec, u) for sec, u in units if not (out / "units" / _unit_id(sec, u)).is_dir()]
-    print(f"experiment {config.name}: {len(units)} units, {len(units) - len(todo)} already done; "
-          f"results in {out}")
-    if todo:
-        if model is None:
-            model = load_model(name, device=device or exp.get("device"),
-                               dtype=dtype or exp.get("dtype"))
+        cleaned = _clean_leftovers(out)
+        units = [(sec, u) for sec in config.sections for u in SECTIONS[sec][0](config.section(sec))]
+        done = {d.name for d in finished_units(out)}
+        todo = [(sec, u) for sec, u in units if _unit_id(sec, u) not in done]
+        print(f"experiment {config.name}: {len(units)} units, {len(units) - len(todo)} already "
+              f"done{f', {cleaned} unfinished leftovers removed' if cleaned else ''}; results in "
+              f"{out}")
+        if todo or model is not None:
+            if model is None:
+                model = load_model(name, device=device or exp.get("device"),
+                                   dtype=dtype or exp.get("dtype"))
+            prov = provenance(model, config)
+            if old is not None and old.get("provenance"):
+                diffs = _provenance_mismatch(old["provenance"], prov)
+                if diffs:
+                    raise ExperimentError(
+                        f"{out} holds results of another setting ({'; '.join(diffs)}): mixing "
+                        f"them would give a report of neither. Use another --out, or delete "
+                        f"{out} to start afresh")
+            tmp = stamp.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"digest": config.digest, "config": config.body,
+                                       "path": config.path, "provenance": prov}, indent=2))
+            os.replace(tmp, stamp)
         ctx: dict = {"out": out}
         bar = tqdm(todo, desc=config.name, unit="unit", disable=progress is False)
         for sec, u in bar:
@@ -334,9 +444,10 @@ def run_experiment(config: Config, *, model: Any = None, model_name: str | None 
             t0 = time.perf_counter()
             tables = SECTIONS[sec][1](model, u, config.section(sec), ctx)
             _write_unit(out / "units", uid, tables, {"section": sec, "unit": u,
-                                                     "seconds": time.perf_counter() - t0})
-    path = write_report(config, out, model_label=getattr(getattr(model, "icl_probe_info", None),
-                                                         "label", name or "embedded"))
+                                                     "seconds": time.perf_counter() - t0,
+                                                     "provenance": prov})
+        path = write_report(config, out, model_label=getattr(
+            getattr(model, "icl_probe_info", None), "label", name or "embedded"))
     print(f"report: {path.resolve()}")
     return out
 

@@ -146,7 +146,9 @@ class Tables:
     ``summary``: task, method, lr, selected, run, metric, baseline, layer (-1 = mean over
     layers), value, ci_low, ci_high, n; a row with ``baseline`` set is the paired difference
     ours − baseline, with ``verdict``. ``table``: the compact per-task view (rows = metrics).
-    ``per_query``: every query's three runs (correctness, FT status, output similarity);
+    ``per_query``: every query's three runs (correctness, FT status, output similarity), with
+    its ``seed`` and ``demos`` (the demonstrations' item indices in prompt order; ``query``
+    and ``demos`` index the same task items);
     ``per_layer`` and ``per_head``: layer- and head-wise metrics; ``sweep``: one row per
     (method, lr, seed) with dev and test accuracy, the fixes FT makes and divergence."""
 
@@ -321,6 +323,7 @@ def _evaluate(model: Any, refs: _Refs, fts: list[Any], cfg: FineTuneConfig, *, g
         collapsed = float(ft_logits.double().std()) < COLLAPSE_STD
         gold_lp = float(torch.log_softmax(ft_logits.double(), -1)[pair.target_id])
         rows_q.append({**keys, "query": pair.query,
+                       "demos": " ".join(map(str, pair.demos)),  # item indices, prompt order
                        "zs_correct": correct["zs"], "icl_correct": correct["icl"],
                        "ft_correct": correct["ft"], "zs_vocab_correct": correct["zs_vocab"],
                        "icl_vocab_correct": correct["icl_vocab"],
@@ -538,7 +541,7 @@ def _dev_rows(pairs: list[PromptPair], fts: list[Any], keys: dict) -> list[dict]
     for pair, (ft, lg) in zip(pairs, per):
         lg = lg.double()
         collapsed = float(lg.std()) < COLLAPSE_STD
-        rows.append({**keys, "query": pair.query,
+        rows.append({**keys, "query": pair.query, "demos": " ".join(map(str, pair.demos)),
                      "ft_correct": int(lg[pair.label_ids.to(lg.device)].argmax()) == pair.target,
                      "ft_gold_logprob": float(torch.log_softmax(lg, -1)[pair.target_id]),
                      "ft_collapsed": collapsed, "ft_diverged": ft.diverged or collapsed,

@@ -1,6 +1,8 @@
 """Every experiment section in a reduced size on a tiny model, the report, and resuming."""
 
 
+import shutil
+
 import pandas as pd
 import pytest
 
@@ -28,7 +30,7 @@ def tiny():
 def _config(sections, **over):
     body = {"experiment": {"name": "t", "sections": list(sections)}}
     body.update({s: dict(REDUCED[s], **over.get(s, {})) for s in sections})
-    return Config("t", tuple(sections), body)
+    return Config.from_dict(body, "t")
 
 
 @pytest.mark.parametrize("section", sorted(SECTIONS))
@@ -89,3 +91,134 @@ def test_shipped_configs_parse():
             assert SECTIONS[s][0](cfg.section(s)), path
     with pytest.raises(ExperimentError, match="does not exist"):
         load_config(EXPERIMENTS_DIR / "nope.toml")
+
+
+# ------------------------------------------------------------------------------ faults
+
+
+def _toml(tmp_path, text):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("text, match", [
+    ('[experiment]\nsections = ["icl_vs_gd"]\n[icl_vs_gd]\nquerries = 2',
+     r"no key 'querries' \(did you mean 'queries'\?\)"),
+    ('[experiment]\nsections = ["icl_vs_gd"]\n[icl_vs_gd]\ntasks = "sentiment"',
+     r"tasks = 'sentiment': expected a list"),
+    ('[experiment]\nsections = ["icl_vs_gd"]\n[icl_vs_gd]\nk = "8"', r"k = '8': expected an integer"),
+    ('[experiment]\nsections = ["icl_vs_gd"]\n[icl_vs_gd]\nk = 0', r"k = 0: expected an integer >= 1"),
+    ('[experiment]\nsections = ["icl_vs_gd"]\n[icl_vs_gd]\ntasks = ["nosuchtask"]',
+     r"tasks\[0\]: load_task\('nosuchtask'\)"),
+    ('[experiment]\nsections = ["icl_vs_gd"]\n[icl_vs_gd]\nlrs = [-1.0]', r"lrs\[0\] = -1.0"),
+    ('[experiment]\nsections = ["icl_vs_gd"]\n[icl_vs_gd]\nprotocol = "per-query"',
+     r"did you mean 'per_query'"),
+    ('[experiment]\nsections = ["icl_vs_gd"]\n[icl_vs_gd]\nmethods = ["dai"]\n'
+     'lrs = {lcgd = [1e-2]}', r"exactly the methods"),
+    ('[experiment]\nsections = ["icl_vs_gd"]\n[icl_vsgd]\nk = 2', r"unknown table \[icl_vsgd\]"),
+    ('[experiment]\nsections = ["icl_vs_gd"]\n[real_heads]\nk = 2', r"not in \[experiment\] sections"),
+    ('[experiment]\nsections = ["heads"]', r"expected one of"),
+    ('[icl_vs_gd]\nk = 2', r"needs an \[experiment\] table"),
+])
+def test_config_errors_name_the_key_and_come_before_any_model_load(tmp_path, text, match):
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(ip.ConfigError, match=match) as e:
+        load_config(_toml(tmp_path, text))
+    assert str(tmp_path / "c.toml") in str(e.value)  # the file is named
+    assert time.perf_counter() - t0 < 2.0  # validation alone: no model was loaded
+
+
+def test_cli_rejects_bad_runs_before_loading(tmp_path, capsys):
+    import time
+
+    from icl_probe.cli import main
+
+    bad = _toml(tmp_path, '[experiment]\nsections = ["real_heads"]\n[real_heads]\nprompt = 2')
+    t0 = time.perf_counter()
+    assert main(["run", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "did you mean 'prompts'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # no stamp from a config that failed validation
+    assert main(["run", str(bad), "--all"]) == 2
+    assert "not both" in capsys.readouterr().err
+    for args, msg in ((["--task", "nosuchtask"], "nosuchtask"), (["--k", "-1"], "--k -1"),
+                      (["--query", "99999"], "--query 99999")):
+        assert main(["inspect", "--model", "/nonexistent/model.gguf", *args]) == 2
+        assert msg in capsys.readouterr().err  # the argument, not the missing model
+    assert time.perf_counter() - t0 < 10.0
+
+
+def test_results_of_another_model_are_refused(tiny, tmp_path):
+    cfg = _config(["real_heads"])
+    run_experiment(cfg, model=tiny, out=tmp_path / "r", progress=False)
+    other = ip.tiny_model(seed=12)  # same architecture, other weights
+    with pytest.raises(ExperimentError, match=r"another setting \(model: .*--out|delete"):
+        run_experiment(cfg, model=other, out=tmp_path / "r", progress=False)
+    with pytest.raises(ExperimentError, match="dtype: float32 before, float64 now"):
+        run_experiment(cfg, model=ip.tiny_model(seed=11, dtype=ip.models.torch.float64),
+                       out=tmp_path / "r", progress=False)
+    import json
+    meta = json.loads(next((tmp_path / "r" / "units").iterdir()).joinpath("unit.json").read_text())
+    assert meta["provenance"]["model"]["digest"] and meta["provenance"]["dtype"] == "float32"
+
+
+def test_an_empty_or_partial_unit_directory_is_redone(tiny, tmp_path):
+    cfg = _config(["real_heads"], real_heads=dict(tasks=["capital", "antonym"]))
+    out = run_experiment(cfg, model=tiny, out=tmp_path / "r", progress=False)
+    units = sorted(p for p in (out / "units").iterdir())
+    shutil.rmtree(units[0])
+    units[0].mkdir()  # an empty directory where a unit was
+    (units[1] / "sparsity.csv").write_text("garbage")  # a unit whose files changed
+    (out / "units" / ".real_heads__task=x.abc").mkdir()  # a temp dir of a killed run
+    redone = []
+    run_experiment(cfg, model=tiny, out=out, progress=False, unit_hook=redone.append)
+    assert sorted(redone) == sorted(u.name for u in units)
+    assert not [p for p in (out / "units").iterdir() if p.name.startswith(".")]
+
+
+def test_a_second_run_on_the_same_directory_is_refused(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    cfg = _config(["real_heads"])
+    out = tmp_path / "r"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(f"{holder.pid} host\n")
+        with pytest.raises(ExperimentError, match=f"in use by another icl-probe run \\(pid {holder.pid}\\)"):
+            run_experiment(cfg, model=tiny, out=out, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    run_experiment(cfg, model=tiny, out=out, progress=False)  # a dead holder's lock is stale
+    assert not (out / ".lock").exists()
+
+
+@pytest.mark.embedded
+def test_sigint_keeps_finished_units_and_exits_130(embedded, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = _toml(tmp_path, '[experiment]\nsections = ["linear_attention"]\n[linear_attention]\n'
+                'seeds = [0, 1, 2, 3]\nline_search_tasks = 200\neigen_tasks = 50\n'
+                'steps = 4000\nbatch_size = 256\neval_every = 1000')
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "icl_probe.cli", "run", str(cfg), "--out",
+                             str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "units").is_dir():
+        time.sleep(0.2)
+    while time.time() < deadline and not any(
+            p for p in (out / "units").iterdir() if not p.name.startswith(".")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted:" in err and "rerun the same command to resume" in err
+    assert "Traceback" not in err

@@ -1,0 +1,256 @@
+"""Experiment configs: read, validated as a whole before anything is loaded.
+
+A config is a TOML file with an ``[experiment]`` table and one table per section it runs.
+:func:`load_config` checks every table and key against :data:`SCHEMA` (unknown tables and
+keys, wrong types, values out of range, tasks that do not exist), names the file, the key and
+the nearest valid name, and fills in the defaults, so a section reads exactly the values the
+run will use. Nothing is loaded and no directory is touched before the whole file passes.
+
+>>> import tomllib
+>>> body = tomllib.loads('[experiment]\\nsections = ["real_heads"]\\n[real_heads]\\nprompts = 2')
+>>> validate(body, "x.toml")["real_heads"]["k"]          # defaults filled in
+8
+>>> validate(tomllib.loads('[experiment]\\nsections = ["real_heads"]\\n[real_heads]\\nprompt = 2'),
+...          "x.toml")
+Traceback (most recent call last):
+...
+icl_probe.errors.ConfigError: x.toml: [real_heads] has no key 'prompt' (did you mean 'prompts'?); valid keys: k, prompts, tasks
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ConfigError, IclProbeError
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+
+
+# ------------------------------------------------------------------------------ value checks
+# Each check takes (value, where) and returns the value or raises ConfigError.
+
+
+def _int(lo: int = 0) -> Callable:
+    def check(v: Any, where: str) -> int:
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ConfigError(f"{where} = {v!r}: expected an integer >= {lo}")
+        return v
+    check.doc = f"integer >= {lo}"
+    return check
+
+
+def _rate(v: Any, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < math.inf):
+        raise ConfigError(f"{where} = {v!r}: expected a positive finite number")
+    return float(v)
+
+
+def _bool(v: Any, where: str) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(f"{where} = {v!r}: expected true or false")
+    return v
+
+
+def _str(v: Any, where: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise ConfigError(f"{where} = {v!r}: expected a non-empty string")
+    return v
+
+
+def _choice(*options: str) -> Callable:
+    def check(v: Any, where: str) -> str:
+        if v not in options:
+            near = difflib.get_close_matches(str(v), options, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(f"{where} = {v!r}: expected one of {list(options)}{hint}")
+        return v
+    return check
+
+
+def _list(item: Callable, *, nonempty: bool = True) -> Callable:
+    def check(v: Any, where: str) -> list:
+        if not isinstance(v, list):
+            raise ConfigError(f"{where} = {v!r}: expected a list, e.g. [{_example(item)}] "
+                              "(a single value still needs the brackets)")
+        if nonempty and not v:
+            raise ConfigError(f"{where} = []: expected at least one value")
+        return [item(x, f"{where}[{i}]") for i, x in enumerate(v)]
+    return check
+
+
+def _example(item: Callable) -> str:
+    return {"_task": '"sentiment"', "_rate": "1e-3"}.get(getattr(item, "__name__", ""), "...")
+
+
+def _task(v: Any, where: str) -> str:
+    from .tasks import load_task
+
+    _str(v, where)
+    try:
+        load_task(v)
+    except IclProbeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return v
+
+
+def _ft_method(v: Any, where: str) -> str:
+    from .gd import METHODS
+
+    if isinstance(v, str) and v.startswith("v:") and v[2:].isdigit():
+        return v
+    return _choice(*METHODS)(v, where)
+
+
+def _lrs_by_method(v: Any, where: str) -> Any:
+    if isinstance(v, dict):
+        return {m: _list(_rate)(x, f"{where}.{m}") for m, x in v.items()}
+    return _list(_rate)(v, where)
+
+
+def _sections(v: Any, where: str) -> list[str]:
+    return _list(_choice(*SECTION_NAMES))(v, where)
+
+
+SECTION_NAMES = ("icl_vs_gd", "implied_updates", "order_sensitivity", "linear_attention",
+                 "real_heads")
+
+
+def _icl_vs_gd_checks() -> dict[str, tuple[Callable, Any]]:
+    from .gd import LOSS_TOKENS, METHODS
+    from .protocol import BASELINES, POSITIONS, PROTOCOLS
+
+    return {
+        "tasks": (_list(_task), ["sentiment"]),
+        "k": (_int(1), 32),
+        "queries": (_int(1), 32),
+        "dev_queries": (_int(1), 16),
+        "seeds": (_list(_int(0)), [0]),
+        "lrs": (_lrs_by_method, [1e-3]),
+        "methods": (_list(_choice(*METHODS)), ["dai"]),
+        "params": (_str, "kv"),
+        "loss_tokens": (_choice(*LOSS_TOKENS), "demo"),
+        "baselines": (_list(_choice(*BASELINES), nonempty=False), list(BASELINES)),
+        "protocol": (_choice(*PROTOCOLS), "shared"),
+        "position": (_choice(*POSITIONS), "pred"),
+        "balanced": (_bool, False),
+    }
+
+
+def schema() -> dict[str, dict[str, tuple[Callable, Any]]]:
+    """Every table a config may hold: key -> (check, default)."""
+    return {
+        "experiment": {"name": (_str, None), "sections": (_sections, None),
+                       "model": (_str, None), "device": (_str, None), "dtype": (_str, None)},
+        "icl_vs_gd": _icl_vs_gd_checks(),
+        "implied_updates": {"tasks": (_list(_task), ["capital"]), "k": (_int(1), 8),
+                            "prompts": (_int(1), 8), "verify_prompts": (_int(1), 2),
+                            "trajectory_query": (_int(0), 0), "seeds": (_list(_int(0)), [0])},
+        "order_sensitivity": {"tasks": (_list(_task), ["sentiment"]),
+                              "n_demos": (_list(_int(1)), [1, 2, 4, 8]),
+                              "lrs": (_list(_rate), [1e-3]), "orderings": (_int(2), 10),
+                              "queries": (_int(1), 4),
+                              "methods": (_list(_ft_method), ["dai", "batch", "adam"])},
+        "linear_attention": {"seeds": (_list(_int(0)), [0]),
+                             "line_search_tasks": (_int(1), 10_000),
+                             "eigen_tasks": (_int(1), 10_000), "steps": (_int(1), 1000),
+                             "batch_size": (_int(1), 2048), "eval_every": (_int(1), 100)},
+        "real_heads": {"tasks": (_list(_task), ["capital"]), "prompts": (_int(1), 4),
+                       "k": (_int(1), 8)},
+    }
+
+
+def validate(body: dict, where: str) -> dict:
+    """The config with every table and key checked and every default filled in."""
+    sch = schema()
+    unknown = [t for t in body if t not in sch]
+    if unknown:
+        t = unknown[0]
+        near = difflib.get_close_matches(t, list(sch), n=1)
+        raise ConfigError(f"{where}: unknown table [{t}]"
+                          + (f" (did you mean [{near[0]}]?)" if near else "")
+                          + f"; valid tables: {', '.join(sch)}")
+    exp = body.get("experiment")
+    if not isinstance(exp, dict) or "sections" not in exp:
+        raise ConfigError(f"{where}: needs an [experiment] table with sections = [...], some of "
+                          f"{list(SECTION_NAMES)}")
+    out: dict = {}
+    for table, keys in sch.items():
+        if table != "experiment" and table not in body:
+            continue
+        given = body[table]
+        if not isinstance(given, dict):
+            raise ConfigError(f"{where}: {table} must be a table ([{table}]), got {given!r}")
+        vals = {}
+        for key, v in given.items():
+            if key not in keys:
+                near = difflib.get_close_matches(key, list(keys), n=1)
+                raise ConfigError(
+                    f"{where}: [{table}] has no key {key!r}"
+                    + (f" (did you mean {near[0]!r}?)" if near else "")
+                    + f"; valid keys: {', '.join(sorted(keys))}")
+            vals[key] = keys[key][0](v, f"{where}: [{table}] {key}")
+        for key, (_, default) in keys.items():
+            vals.setdefault(key, default)
+        out[table] = vals
+    sections = out["experiment"]["sections"]
+    for s in sections:
+        out.setdefault(s, {k: d for k, (_, d) in sch[s].items()})
+    stray = [t for t in out if t != "experiment" and t not in sections]
+    if stray:
+        raise ConfigError(f"{where}: table [{stray[0]}] is not in [experiment] sections "
+                          f"{sections}; add it there or remove the table")
+    ivg = out.get("icl_vs_gd")
+    if ivg is not None and isinstance(ivg["lrs"], dict):
+        from .protocol import CompareError, lr_grid
+
+        try:
+            lr_grid(ivg["lrs"], ivg["methods"])
+        except CompareError as e:
+            raise ConfigError(f"{where}: [icl_vs_gd] {e}") from None
+    return out
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated experiment config: ``body`` holds every table with defaults filled in."""
+
+    name: str
+    sections: tuple[str, ...]
+    body: dict
+    path: str | None = None
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.body, sort_keys=True).encode()).hexdigest()[:10]
+
+    def section(self, name: str) -> dict:
+        return dict(self.body.get(name, {}))
+
+    @classmethod
+    def from_dict(cls, body: dict, name: str = "experiment", path: str | None = None) -> "Config":
+        """Validate ``body`` (a parsed TOML) into a Config."""
+        where = path or f"config {name!r}"
+        full = validate(body, where)
+        return cls(full["experiment"]["name"] or name, tuple(full["experiment"]["sections"]),
+                   full, path)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate an experiment TOML file (see the module docstring)."""
+    import tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment config {path} does not exist; shipped configs: "
+                          f"{', '.join(p.name for p in sorted(EXPERIMENTS_DIR.glob('*.toml')))}")
+    try:
+        body = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from e
+    return Config.from_dict(body, path.stem, str(path))
