@@ -12,28 +12,44 @@ Quantities (TransformerLens hook names in brackets; ``pos`` = captured query pos
 name            hook                                       shape per layer
 ==============  =========================================  ===============================
 resid_pre       ``blocks.{l}.hook_resid_pre``              batch pos d_model
-attn_in         ``blocks.{l}.ln1.hook_out`` (r_j)          batch pos d_model
-q               ``blocks.{l}.attn.hook_rot_q`` (rotary)    batch pos head d_head
-k               ``blocks.{l}.attn.hook_rot_k`` (rotary)    batch key_pos kv_head d_head
+attn_in         ``blocks.{l}.attn.hook_in`` (r_j)          batch pos d_model
+q               ``blocks.{l}.attn.hook_rot_q`` (*)         batch pos head d_head
+k               ``blocks.{l}.attn.hook_rot_k`` (*)         batch key_pos kv_head d_head
 v               ``blocks.{l}.attn.hook_v``                 batch key_pos kv_head d_head
-scores          ``blocks.{l}.attn.hook_attn_scores``       batch pos head key_pos
+scores          ``blocks.{l}.attn.hook_attn_scores`` (*)   batch pos head key_pos
 pattern         ``blocks.{l}.attn.hook_pattern``           batch pos head key_pos
 z               ``blocks.{l}.attn.hook_z``                 batch pos head d_head
 head_out        ``blocks.{l}.attn.hook_result`` (W_O z)    batch pos head d_model
-attn_out        ``blocks.{l}.hook_attn_out``               batch pos d_model
+attn_out        ``blocks.{l}.attn.hook_out`` (h^l)         batch pos d_model
 resid_mid       ``blocks.{l}.hook_resid_mid``              batch pos d_model
-mlp_in          ``blocks.{l}.ln2.hook_out`` (u)            batch pos d_model
-mlp_out         ``blocks.{l}.hook_mlp_out``                batch pos d_model
+mlp_in          ``blocks.{l}.mlp.hook_in`` (u)             batch pos d_model
+mlp_out         ``blocks.{l}.mlp.hook_out``                batch pos d_model
 ==============  =========================================  ===============================
+
+(*) q and k are always what the model multiplies: after QK-norm and rotary. Where the
+bridge's post-rotary hooks do not fire (GPT-NeoX/Pythia, GPT-J) the captured ``hook_q`` /
+``hook_k`` are rotated here with the model's own phases (:mod:`icl_probe.architectures`);
+``record.meta["sources"]`` says how each quantity was obtained. Where the bridge has no genuine
+pre-softmax hook (GPT-J fires ``hook_attn_scores`` with the pattern), ``scores`` are recomputed
+from q and k exactly as the model computes them. ``attn_out`` and ``mlp_out`` are the attention
+and MLP modules' own outputs (before Gemma's post-norms; elsewhere identical to
+``hook_attn_out`` / ``hook_mlp_out``).
+
+Also available on request (not in the default set): ``q_pre`` (``hook_q``: ``r W_Q + b_Q``
+before QK-norm and rotary), ``q_normed`` (``hook_q_normed``, after QK-norm, before rotary),
+``rot_cos`` / ``rot_sin`` (the layer's rotary phases at the captured positions).
 
 Every quantity is stacked over the traced layers (a leading ``layer`` axis). Grouped-query
 attention is resolved in one place, :func:`expand_kv`: ``record.k``, ``record.v``,
 ``record.W_K`` and ``record.W_V`` are per *query* head (``kv_head_of[h]`` is query head
 ``h``'s key/value group); ``record.data["k"]`` keeps the ``kv_head`` layout.
+``record.scale`` holds each traced layer's factor multiplying ``q·k``; ``record.softcap`` and
+``record.window`` its soft-capping and sliding window (None where the model has none).
 
-Batches are right-padded: with a causal mask no real token ever attends to padding, and
-positions (hence rotary phases) are unchanged, so each prompt's record equals its
-unbatched one up to float rounding.
+Batches are right-padded, with no padding mask: the causal mask alone keeps every real
+token off the padding, and positions (hence rotary phases) are unchanged, so each prompt's
+record equals its unbatched one up to float rounding. Models in bfloat16/float16 keep their
+records in float32, so that analyses downstream do not accumulate half-precision rounding.
 
 >>> import icl_probe as ip
 >>> model = ip.tiny_model()
@@ -48,13 +64,14 @@ torch.Size([1, 1, 4, 12])
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from .architectures import (AttentionSpec, allowed_keys, attention_scores, attention_spec,
+                            gptj_phases, live_hooks, require_rotary_support, rotate_like_model)
 from .errors import TraceError
 from .prompts import PromptPair
 
@@ -64,21 +81,29 @@ from .prompts import PromptPair
 #   "row":   (batch, head, q_pos, k_pos) rows gathered at the captured positions
 _HOOKS: dict[str, tuple[str, str]] = {
     "resid_pre": ("blocks.{l}.hook_resid_pre", "query"),
-    "attn_in": ("blocks.{l}.ln1.hook_out", "query"),
+    "attn_in": ("blocks.{l}.attn.hook_in", "query"),
     "q": ("blocks.{l}.attn.hook_rot_q", "query"),
     "k": ("blocks.{l}.attn.hook_rot_k", "key"),
     "v": ("blocks.{l}.attn.hook_v", "key"),
     "scores": ("blocks.{l}.attn.hook_attn_scores", "row"),
     "pattern": ("blocks.{l}.attn.hook_pattern", "row"),
     "z": ("blocks.{l}.attn.hook_z", "query"),
-    "attn_out": ("blocks.{l}.hook_attn_out", "query"),
+    "attn_out": ("blocks.{l}.attn.hook_out", "query"),
     "resid_mid": ("blocks.{l}.hook_resid_mid", "query"),
-    "mlp_in": ("blocks.{l}.ln2.hook_out", "query"),
-    "mlp_out": ("blocks.{l}.hook_mlp_out", "query"),
+    "mlp_in": ("blocks.{l}.mlp.hook_in", "query"),
+    "mlp_out": ("blocks.{l}.mlp.hook_out", "query"),
+}
+# on request only: the pieces the model-space form of the implied update is built from
+EXTRA: dict[str, tuple[str, str]] = {
+    "q_pre": ("blocks.{l}.attn.hook_q", "query"),
+    "q_normed": ("blocks.{l}.attn.hook_q_normed", "query"),
+    "rot_cos": ("blocks.{l}.attn.hook_cos", "query"),
+    "rot_sin": ("blocks.{l}.attn.hook_sin", "query"),
 }
 DERIVED = {"head_out": "blocks.{l}.attn.hook_result"}
 QUANTITIES = tuple(_HOOKS) + tuple(DERIVED)
 _KV_NAMES = ("k", "v", "W_K", "W_V", "b_K", "b_V")
+_HALF = (torch.float16, torch.bfloat16)
 
 PositionSpec = str | Sequence[Any] | Callable[[PromptPair], Any]
 
@@ -104,7 +129,9 @@ class AttentionRecord:
     ``positions[b, i]`` is the token position of slot ``i`` (``pos_mask`` marks real slots);
     ``pred_slot[b]`` is the slot of the prediction position ``pred[b]``. ``key_positions`` /
     ``key_mask`` do the same for the key axis of ``k`` and ``v``; the key axis of ``scores`` and
-    ``pattern`` is the token position itself (``key_pos < lengths[b]``).
+    ``pattern`` is the token position itself (``key_pos < lengths[b]``). ``scale[i]`` is the
+    factor layer ``layers[i]`` multiplies ``q·k`` by; ``softcap[i]`` / ``window[i]`` its logit
+    soft-capping and sliding window (None where it has none).
     """
 
     layers: tuple[int, ...]
@@ -126,6 +153,9 @@ class AttentionRecord:
     kind: str = "icl"
     q_rotated: bool = True
     meta: dict = field(default_factory=dict)
+    scale: torch.Tensor | None = None
+    softcap: tuple[float | None, ...] = ()
+    window: tuple[int | None, ...] = ()
 
     # ---------------------------------------------------------------- access
     def __getattr__(self, name: str) -> torch.Tensor:
@@ -283,70 +313,256 @@ def _stack_weights(model: Any, layers: Sequence[int]) -> dict[str, torch.Tensor]
 
 
 def _live_hooks(model: Any) -> frozenset[str]:
-    """Layer-0 hook names (``{l}`` templates) that actually fire on this model. Some bridges
-    register hooks that their architecture never calls (e.g. ``hook_rot_q`` on GPT-NeoX), so
-    this is measured once with a two-token forward and remembered on the model."""
-    cached = model.__dict__.get("_icl_probe_live_hooks")
-    if cached is not None:
-        return cached
-    templates = {t for t, _ in _HOOKS.values()} | {"blocks.{l}.attn.hook_q", "blocks.{l}.attn.hook_k"}
-    fired: set[str] = set()
-    hooks = []
-    for t in templates:
-        name = t.format(l=0)
-        if name in model.hook_dict:
-            hooks.append((name, lambda x, hook=None, t=t: fired.add(t)))
-    device = next(model.parameters()).device
-    with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
-        model(torch.zeros((1, 2), dtype=torch.long, device=device))
-    model.__dict__["_icl_probe_live_hooks"] = frozenset(fired)
-    return model.__dict__["_icl_probe_live_hooks"]
+    """Layer-0 hook names (``{l}`` templates) that actually fire on this model: some bridges
+    register hooks that their architecture never calls (e.g. ``hook_rot_q`` on GPT-NeoX).
+    See :func:`icl_probe.architectures.live_hooks`."""
+    return live_hooks(model)
 
 
 def _hook_names(model: Any) -> tuple[dict[str, str], bool]:
-    names = dict((q, t) for q, (t, _) in _HOOKS.items())
+    """The TransformerLens hook name (template) of each quantity, and whether every quantity
+    is read straight off that hook. False where this module rotates q and k itself or
+    recomputes the scores after the forward (GPT-NeoX, GPT-J): callers that register the hooks
+    themselves must then go through :func:`trace`."""
+    names = {q: t for q, (t, _) in _HOOKS.items()}
     names.update(DERIVED)
-    live = _live_hooks(model)
-    rotated = True
-    if "blocks.{l}.attn.hook_rot_q" not in live:
-        names["q"] = "blocks.{l}.attn.hook_q"
-        names["k"] = "blocks.{l}.attn.hook_k"
-        if getattr(model.cfg, "positional_embedding_type", None) == "rotary":
-            rotated = False
-    return names, rotated
+    spec = attention_spec(model)
+    if spec.rotary_from == "none":
+        names["q"], names["k"] = "blocks.{l}.attn.hook_q", "blocks.{l}.attn.hook_k"
+    direct = spec.rotary_from in ("hooks", "none") and spec.scores_hooked
+    return names, direct
+
+
+def _q_normed_transform(model: Any, spec: AttentionSpec) -> Callable | None:
+    """``hook_q_normed`` fires on (batch, head, pos, d_head) after a post-reshape QK-norm
+    (Gemma 3, Qwen3) and on (batch, pos, head·d_head) before the reshape (OLMo 2)."""
+    n_heads = model.cfg.n_heads
+    if spec.qk_norm == "post_reshape":
+        return lambda x: x.transpose(1, 2)
+    if spec.qk_norm == "pre_reshape":
+        return lambda x: x.reshape(*x.shape[:2], n_heads, -1)
+    return None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What to capture for one trace: direct hooks, and what ``_Capture.finish`` completes."""
+
+    direct: dict[str, tuple[str, str]]  # quantity -> (hook template, layout)
+    rotate: bool  # q/k come from hook_q/hook_k and are rotated after the forward
+    qk_hooks: tuple[str, str]  # templates q and k are read from when they are stashed
+    stash_q: bool
+    stash_k: bool  # k at the key positions (the record's k)
+    stash_k_all: bool  # k at every position (recomputed scores)
+    derive: tuple[str, ...]  # "q", "k", "scores", "rot_cos", "rot_sin" completed in finish
+    sources: dict[str, str]
+
+
+def _plan(model: Any, spec: AttentionSpec, captured: Sequence[str], live: frozenset[str]
+          ) -> tuple[_Plan, list[str]]:
+    """The capture plan for ``captured`` quantities, and the ones this model cannot supply."""
+    direct: dict[str, tuple[str, str]] = {}
+    derive: list[str] = []
+    sources: dict[str, str] = {}
+    missing: list[str] = []
+    needs_qk = [w for w in captured if w in ("q", "k")]
+    derive_scores = "scores" in captured and not spec.scores_hooked
+    if (needs_qk or derive_scores) and spec.rotary_from == "unknown":
+        require_rotary_support(model, f"trace(what={list(captured)})")
+    rotate = spec.rotary_from in ("phases", "buffer")
+    q_t, k_t = (("blocks.{l}.attn.hook_rot_q", "blocks.{l}.attn.hook_rot_k")
+                if spec.rotary_from == "hooks" else
+                ("blocks.{l}.attn.hook_q", "blocks.{l}.attn.hook_k"))
+    phase_hooks = ("blocks.{l}.attn.hook_cos", "blocks.{l}.attn.hook_sin") \
+        if spec.rotary_from == "phases" else ()
+    how = {"hooks": "hook_rot_{x}", "none": "hook_{x}",
+           "phases": "hook_{x} rotated with the layer's hook_cos/hook_sin",
+           "buffer": "hook_{x} rotated with GPT-J's embed_positions phases",
+           }.get(spec.rotary_from, "")
+
+    def available(templates: Sequence[str]) -> bool:
+        return all(t in live for t in templates)
+
+    for w in captured:
+        if w in ("q", "k"):
+            need = ((q_t if w == "q" else k_t),) + phase_hooks
+            if not available(need):
+                missing.append(w)
+            elif rotate:
+                derive.append(w)
+                sources[w] = how.format(x=w)
+            else:
+                direct[w] = (need[0], "query" if w == "q" else "key")
+                sources[w] = how.format(x=w)
+        elif w == "scores" and derive_scores:
+            if not available((q_t, k_t) + phase_hooks) or \
+                    "blocks.{l}.attn.hook_pattern" not in live:
+                missing.append(w)
+            else:
+                derive.append(w)
+                sources[w] = ("recomputed from q and k as the model computes them (this bridge "
+                              "fires hook_attn_scores with the pattern)")
+        elif w in ("rot_cos", "rot_sin"):
+            if spec.rotary_from == "buffer":
+                derive.append(w)
+                sources[w] = "GPT-J's embed_positions table"
+            elif spec.rotary_from in ("hooks", "phases") and available((EXTRA[w][0],)):
+                direct[w] = EXTRA[w]
+                sources[w] = EXTRA[w][0].split("{l}.", 1)[1]
+            else:
+                missing.append(w)
+        else:
+            template, layout = _HOOKS[w] if w in _HOOKS else EXTRA[w]
+            if template not in live:
+                missing.append(w)
+            else:
+                direct[w] = (template, layout)
+                sources[w] = template.split("{l}.", 1)[1]
+    stash_q = any(w in derive for w in ("q", "scores"))
+    plan = _Plan(direct=direct, rotate=rotate, qk_hooks=(q_t, k_t), stash_q=stash_q,
+                 stash_k="k" in derive, stash_k_all="scores" in derive, derive=tuple(derive),
+                 sources=sources)
+    return plan, missing
 
 
 class _Capture:
-    """Hook functions for one trace; ``set_batch`` points them at the current chunk."""
+    """Hook functions for one trace. ``set_batch`` points them at the current chunk;
+    ``finish`` completes, after the chunk's forward, what needs more than one hook: q and k
+    rotated with phases that fire after them, scores recomputed from q and k."""
 
-    def __init__(self, wanted: Sequence[str], layers: Sequence[int], store: torch.device | None):
-        self.wanted, self.layers, self.store = wanted, layers, store
-        self.out: dict[str, list[list[torch.Tensor]]] = {q: [[] for _ in layers] for q in wanted}
+    def __init__(self, model: Any, spec: AttentionSpec, plan: _Plan, outputs: Sequence[str],
+                 layers: Sequence[int], store: torch.device | None):
+        self.model, self.spec, self.plan, self.layers, self.store = model, spec, plan, layers, store
+        self.out: dict[str, list[list[torch.Tensor]]] = {q: [[] for _ in layers] for q in outputs}
+        self.stash: dict[tuple[str, int], torch.Tensor] = {}
 
-    def set_batch(self, idx: torch.Tensor, key_idx: torch.Tensor | None) -> None:
-        self.idx, self.key_idx = idx, key_idx
+    def set_batch(self, idx: torch.Tensor, key_idx: torch.Tensor | None,
+                  lengths: torch.Tensor) -> None:
+        self.idx, self.key_idx, self.lengths = idx, key_idx, lengths
+        self.stash.clear()
 
-    def hook(self, quantity: str, slot: int, layout: str, name: str) -> Callable:
+    def _gather(self, x: torch.Tensor, layout: str, name: str) -> torch.Tensor:
+        B = self.idx.shape[0]
+        if x.shape[0] != B and x.shape[0] == 1:  # rotary phases are shared over the batch
+            x = x.expand(B, *x.shape[1:])
+        idx = self.idx.to(x.device)
+        if layout == "row":  # batch head q_pos k_pos -> batch pos head k_pos
+            if x.dim() != 4:
+                raise TraceError(f"{name}: expected (batch, head, q_pos, k_pos), got {tuple(x.shape)}")
+            _, H, _, T = x.shape
+            return x.gather(2, idx[:, None, :, None].expand(B, H, idx.shape[1], T)).permute(0, 2, 1, 3)
+        if layout == "all" or (layout == "key" and self.key_idx is None):
+            return x.clone()
+        sel = idx if layout == "query" else self.key_idx.to(x.device)
+        view = sel.view(*sel.shape, *([1] * (x.dim() - 2)))
+        return x.gather(1, view.expand(*sel.shape, *x.shape[2:]))
+
+    def _put(self, quantity: str, slot: int, y: torch.Tensor) -> None:
+        if quantity not in self.out:
+            return
+        if y.dtype in _HALF:  # records of half-precision models are kept in float32
+            y = y.float()
+        if self.store is not None:
+            y = y.to(self.store)
+        self.out[quantity][slot].append(y)
+
+    def direct(self, quantity: str, slot: int, layout: str, name: str,
+               transform: Callable | None = None) -> Callable:
         def fn(x: torch.Tensor, hook: Any = None) -> None:
-            idx = self.idx.to(x.device)
-            if layout == "row":  # batch head q_pos k_pos -> batch pos head k_pos
-                if x.dim() != 4:
-                    raise TraceError(f"{name}: expected (batch, head, q_pos, k_pos), got {tuple(x.shape)}")
-                B, H, _, T = x.shape
-                y = x.gather(2, idx[:, None, :, None].expand(B, H, idx.shape[1], T))
-                y = y.permute(0, 2, 1, 3)
-            elif layout == "key" and self.key_idx is None:
-                y = x.clone()
-            else:
-                sel = idx if layout == "query" else self.key_idx.to(x.device)
-                view = sel.view(*sel.shape, *([1] * (x.dim() - 2)))
-                y = x.gather(1, view.expand(*sel.shape, *x.shape[2:]))
-            if self.store is not None:
-                y = y.to(self.store)
-            self.out[quantity][slot].append(y)
-            return None
+            if transform is not None:
+                x = transform(x)
+            self._put(quantity, slot, self._gather(x, layout, name))
 
         return fn
+
+    def keep(self, key: str, slot: int, layout: str, name: str) -> Callable:
+        def fn(x: torch.Tensor, hook: Any = None) -> None:
+            self.stash[(key, slot)] = self._gather(x, layout, name).detach()
+
+        return fn
+
+    def _phases(self, slot: int, layout: str, like: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's rotary (cos, sin) at the query / key / every position: batch pos r."""
+        B = self.idx.shape[0]
+        if layout == "query":
+            pos = self.idx
+        elif layout == "key" and self.key_idx is not None:
+            pos = self.key_idx
+        else:
+            pos = torch.arange(like.shape[1])[None].expand(B, -1)
+        if self.spec.rotary_from == "buffer":
+            return gptj_phases(self.model, self.layers[slot], pos.to(like.device), like.dtype)
+        cos, sin = self.stash[("cos", slot)], self.stash[("sin", slot)]  # batch T r
+
+        def at(x: torch.Tensor) -> torch.Tensor:
+            x = x.expand(B, *x.shape[1:]) if x.shape[0] != B else x
+            p = pos.to(x.device)
+            return x.gather(1, p[..., None].expand(*p.shape, x.shape[-1]))
+
+        return at(cos), at(sin)
+
+    def _rotated(self, key: str, slot: int, layout: str) -> torch.Tensor:
+        x = self.stash[(key, slot)]  # batch pos head d_head
+        if not self.plan.rotate:
+            return x
+        cos, sin = self._phases(slot, layout, x)
+        return rotate_like_model(self.spec, x, cos[:, :, None, :], sin[:, :, None, :])
+
+    def finish(self) -> None:
+        plan, spec = self.plan, self.spec
+        for slot, layer in enumerate(self.layers):
+            q = self._rotated("q", slot, "query") if plan.stash_q else None
+            if "q" in plan.derive:
+                self._put("q", slot, q)
+            if "k" in plan.derive:
+                self._put("k", slot, self._rotated("k", slot, "key"))
+            if "scores" in plan.derive:
+                k_all = self._rotated("k_all", slot, "all")  # batch T kv_head d_head
+                kv_head_of = group_mapping(q.shape[2], k_all.shape[2]).to(k_all.device)
+                T = k_all.shape[1]
+                allowed = allowed_keys(spec, layer, self.idx.to(q.device), T, self.lengths)
+                self._put("scores", slot, attention_scores(
+                    spec, layer, q, k_all.index_select(2, kv_head_of), allowed))
+            for name in ("rot_cos", "rot_sin"):
+                if name in plan.derive:
+                    dtype = next(self.model.parameters()).dtype  # GPT-J casts to the key's
+                    cos, sin = gptj_phases(self.model, layer, self.idx, dtype)
+                    self._put(name, slot, cos if name == "rot_cos" else sin)
+        self.stash.clear()
+
+
+def query_capture_hooks(model: Any, store: list[torch.Tensor]) -> list[tuple[str, Callable]]:
+    """Forward hooks that append, for every layer in order, the first prompt's query vectors
+    as the model uses them (after QK-norm and rotary; pos head d_head, detached) to ``store``.
+    For code that runs its own forwards (the fine-tuning loop records the queries of each step
+    for Kendall's τ); on GPT-NeoX and GPT-J the captured ``hook_q`` is rotated here with the
+    layer's own phases, exactly as :func:`trace` does."""
+    spec = require_rotary_support(model, "query_capture_hooks()")
+    hooks: list[tuple[str, Callable]] = []
+    for l in range(model.cfg.n_layers):
+        if spec.rotary_from in ("hooks", "none"):
+            name = f"blocks.{l}.attn.hook_{'rot_q' if spec.rotary_from == 'hooks' else 'q'}"
+            hooks.append((name, lambda x, hook=None: store.append(x[0].detach().clone())))
+        elif spec.rotary_from == "buffer":
+            def gptj(x: torch.Tensor, hook: Any = None, l: int = l) -> None:
+                pos = torch.arange(x.shape[1], device=x.device)
+                cos, sin = gptj_phases(model, l, pos, x.dtype)  # pos r/2
+                store.append(rotate_like_model(spec, x[0].detach(), cos[:, None], sin[:, None]))
+            hooks.append((f"blocks.{l}.attn.hook_q", gptj))
+        else:  # "phases": hook_q fires before the layer's hook_cos / hook_sin
+            pending: dict[str, torch.Tensor] = {}
+
+            def keep(x: torch.Tensor, hook: Any = None, key: str = "", pending=pending) -> None:
+                pending[key] = x[0].detach()
+
+            def done(x: torch.Tensor, hook: Any = None, pending=pending) -> None:
+                cos, sin = pending.pop("cos"), x[0].detach()  # pos r
+                store.append(rotate_like_model(spec, pending.pop("q"), cos[:, None], sin[:, None]))
+            hooks += [(f"blocks.{l}.attn.hook_q", lambda x, hook=None, k=keep: k(x, key="q")),
+                      (f"blocks.{l}.attn.hook_cos", lambda x, hook=None, k=keep: k(x, key="cos")),
+                      (f"blocks.{l}.attn.hook_sin", done)]
+    return hooks
 
 
 def trace(
@@ -365,42 +581,44 @@ def trace(
     """Run ``prompts`` (``PromptPair`` s, whose ``kind`` = ``"icl"`` or ``"zs"`` ids are used,
     or 1-D token id tensors) and record every attention layer.
 
-    ``what``: quantities (default: all of :data:`QUANTITIES`); ``layers``: default all;
-    ``positions``: query positions to keep, ``"pred"`` (default), ``"all"``, ``"demos"``,
-    ``"query"``, ``"labels"``, one index list per prompt, or ``callable(prompt)``; the
-    prediction position is always added. ``key_positions``: positions of ``k`` and ``v``
-    (default ``"all"``). Batches of ``batch_size`` prompts of similar length are right-padded.
+    ``what``: quantities (default: all of :data:`QUANTITIES` this model has; the extras of
+    the module docstring on request); ``layers``: default all; ``positions``: query positions to
+    keep, ``"pred"`` (default), ``"all"``, ``"demos"``, ``"query"``, ``"labels"``, one index list
+    per prompt, or ``callable(prompt)``; the prediction position is always added.
+    ``key_positions``: positions of ``k`` and ``v`` (default ``"all"``). Batches of
+    ``batch_size`` prompts of similar length are right-padded.
     """
     if not prompts:
         raise TraceError("trace(): no prompts given")
     wanted = tuple(QUANTITIES) if what is None else tuple(dict.fromkeys(what))
-    unknown = [w for w in wanted if w not in QUANTITIES]
+    known = tuple(QUANTITIES) + tuple(EXTRA)
+    unknown = [w for w in wanted if w not in known]
     if unknown:
-        raise TraceError(f"trace(what={list(wanted)}): unknown {unknown}; known: {list(QUANTITIES)}")
+        raise TraceError(f"trace(what={list(wanted)}): unknown {unknown}; known: {list(known)}")
     cfg = model.cfg
     n_layers = cfg.n_layers
     layer_list = tuple(range(n_layers)) if layers is None else tuple(int(l) for l in layers)
     bad = [l for l in layer_list if not 0 <= l < n_layers]
     if bad or not layer_list:
         raise TraceError(f"trace(layers={list(layer_list)}): the model has layers 0..{n_layers - 1}")
-    names, rotated = _hook_names(model)
-    if not rotated:
-        warnings.warn(
-            f"{type(model).__name__}: this architecture exposes no post-rotary q/k hooks; "
-            "record.q and record.k are before rotary (scores are still exact)", RuntimeWarning,
-            stacklevel=2)
-    captured = [w for w in wanted if w in _HOOKS]
+    spec = attention_spec(model)
+    live = live_hooks(model)
+    captured = [w for w in wanted if w not in DERIVED]
     if "head_out" in wanted and "z" not in captured:
         captured.append("z")
-    live = _live_hooks(model)
-    missing = [q for q in captured if names[q] not in live]
+    if what is None and spec.rotary_from == "unknown":  # default request: what exists
+        captured = [w for w in captured if w not in ("q", "k") and
+                    (w != "scores" or spec.scores_hooked)]
+    plan, missing = _plan(model, spec, captured, live)
     if missing and what is not None:
+        names, _ = _hook_names(model)
+        template = {**names, **{q: t for q, (t, _) in EXTRA.items()}}[missing[0]]
         raise TraceError(
-            f"trace(what={list(wanted)}): this model has no live hook "
-            f"{names[missing[0]].format(l=layer_list[0])!r} (needed for {missing[0]!r}); "
-            "e.g. parallel attention/MLP blocks have no resid_mid"
+            f"trace(what={list(wanted)}): this model ({spec.family}) has no live hook "
+            f"{template.format(l=layer_list[0])!r} (needed for {missing[0]!r}); e.g. parallel "
+            "attention/MLP blocks have no resid_mid, and only QK-norm models have q_normed"
         )
-    captured = [q for q in captured if q not in missing]  # default request: what exists
+    captured = [q for q in captured if q not in missing]
 
     id_list = [p.ids(kind) if isinstance(p, PromptPair) else torch.as_tensor(p) for p in prompts]
     for i, ids in enumerate(id_list):
@@ -422,11 +640,25 @@ def trace(
 
     device = next(model.parameters()).device
     store = torch.device(store_device) if store_device is not None else None
-    cap = _Capture(captured, layer_list, store)
-    fwd_hooks = [
-        (names[q].format(l=l), cap.hook(q, slot, _HOOKS[q][1], names[q].format(l=l)))
-        for q in captured for slot, l in enumerate(layer_list)
-    ]
+    cap = _Capture(model, spec, plan, captured, layer_list, store)
+    q_normed = _q_normed_transform(model, spec)
+    fwd_hooks = []
+    for slot, l in enumerate(layer_list):
+        for q, (template, layout) in plan.direct.items():
+            name = template.format(l=l)
+            fwd_hooks.append((name, cap.direct(q, slot, layout, name,
+                                               q_normed if q == "q_normed" else None)))
+        q_t, k_t = (t.format(l=l) for t in plan.qk_hooks)
+        if plan.stash_q:
+            fwd_hooks.append((q_t, cap.keep("q", slot, "query", q_t)))
+        if plan.stash_k:
+            fwd_hooks.append((k_t, cap.keep("k", slot, "key", k_t)))
+        if plan.stash_k_all:
+            fwd_hooks.append((k_t, cap.keep("k_all", slot, "all", k_t)))
+        if spec.rotary_from == "phases" and (plan.stash_q or plan.stash_k or plan.stash_k_all):
+            for key in ("cos", "sin"):
+                name = f"blocks.{l}.attn.hook_{key}"
+                fwd_hooks.append((name, cap.keep(key, slot, "all", name)))
     tok = getattr(model, "tokenizer", None)
     pad_id = (getattr(tok, "pad_token_id", None) or 0) if tok is not None else 0
     order = sorted(range(len(id_list)), key=lambda i: len(id_list[i]))
@@ -438,16 +670,20 @@ def trace(
         for chunk in bar:
             L = int(lengths[chunk].max())
             ids = torch.full((len(chunk), L), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), L), dtype=torch.long)
             for r, i in enumerate(chunk):
                 ids[r, : lengths[i]] = id_list[i]
-                mask[r, : lengths[i]] = 1
             idx, _ = _pad_stack([pos_rows[i] for i in chunk])
             kidx = None if all_keys else _pad_stack([key_rows[i] for i in chunk])[0]
-            cap.set_batch(idx, kidx)
-            logits = model(ids.to(device), attention_mask=mask.to(device))
+            cap.set_batch(idx, kidx, lengths[chunk])
+            # No padding mask: with right padding the causal mask already keeps every real
+            # token off the padding. A padding mask would leave the padding's own rows fully
+            # masked under a sliding window (Mistral, Gemma), and their NaNs reach real rows of
+            # the next layer through 0 * NaN.
+            logits = model(ids.to(device))
+            cap.finish()
             last = (lengths[chunk] - 1).to(logits.device)
             part = logits[torch.arange(len(chunk), device=logits.device), last]
+            part = part.float() if part.dtype in _HALF else part
             logits_parts.append(part.to(store) if store is not None else part)
 
     # Reassemble in the caller's order, padding chunk-local axes to the global widths.
@@ -456,9 +692,10 @@ def trace(
     positions_t, pos_mask = _pad_stack(pos_rows)
     key_t, key_mask = _pad_stack(key_rows)
     P, K, T = positions_t.shape[1], key_t.shape[1], int(lengths.max())
+    layouts = {q: (_HOOKS.get(q) or EXTRA[q])[1] for q in captured}
     data: dict[str, torch.Tensor] = {}
     for q in captured:
-        layout = _HOOKS[q][1]
+        layout = layouts[q]
         per_layer = []
         for slot in range(len(layer_list)):
             parts = cap.out[q][slot]
@@ -471,6 +708,7 @@ def trace(
             m = pos_mask.to(data[q].device).view(1, *pos_mask.shape, *([1] * (data[q].dim() - 3)))
             data[q] = data[q] * m
     weights = attention_weights(model, layer_list)
+    weights = {k: (w.float() if w.dtype in _HALF else w) for k, w in weights.items()}
     if store is not None:
         weights = {k: w.to(store) for k, w in weights.items()}
     if "head_out" in wanted:
@@ -479,17 +717,27 @@ def trace(
         if "z" not in wanted:
             del data["z"]
     logits_all = torch.cat(logits_parts, 0)[inverse.to(logits_parts[0].device)]
-    if "scores" in data:  # masked keys hold the dtype's minimum; make them -inf
+    if "scores" in data:
+        # Keys the model masked hold the dtype's minimum (added by the bridge's mask: padding,
+        # the causal triangle, a sliding window); they become -inf.
+        x = data["scores"]
         valid = torch.arange(T)[None, :] < lengths[:, None]
         causal = torch.arange(T)[None, None, :] <= positions_t[:, :, None]
-        ok = (valid[:, None, :] & causal).to(data["scores"].device)
-        data["scores"] = data["scores"].masked_fill(~ok[None, :, :, None, :], float("-inf"))
+        ok = (valid[:, None, :] & causal).to(x.device)[None, :, :, None, :]
+        data["scores"] = x.masked_fill(~ok | (x <= torch.finfo(x.dtype).min / 2), float("-inf"))
+    names, _ = _hook_names(model)
+    names.update({q: t for q, (t, _) in EXTRA.items()})
+    n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
     return AttentionRecord(
-        layers=layer_list, n_heads=cfg.n_heads,
-        n_kv_heads=getattr(cfg, "n_key_value_heads", None) or cfg.n_heads, d_head=cfg.d_head,
-        kv_head_of=group_mapping(cfg.n_heads, getattr(cfg, "n_key_value_heads", None) or cfg.n_heads),
+        layers=layer_list, n_heads=cfg.n_heads, n_kv_heads=n_kv, d_head=cfg.d_head,
+        kv_head_of=group_mapping(cfg.n_heads, n_kv),
         lengths=lengths, pred=lengths - 1, positions=positions_t, pos_mask=pos_mask,
         pred_slot=torch.tensor(pred_slot), key_positions=key_t, key_mask=key_mask, data=data,
         weights=weights, logits=logits_all,
-        hook_names={q: names[q] for q in data}, kind=kind, q_rotated=rotated,
+        hook_names={q: names[q] for q in data}, kind=kind, q_rotated=True,
+        meta={"sources": {q: plan.sources.get(q, DERIVED.get(q, "")) for q in data},
+              "family": spec.family},
+        scale=torch.tensor([spec.scale[l] for l in layer_list], dtype=torch.float64),
+        softcap=tuple(spec.softcap[l] for l in layer_list),
+        window=tuple(spec.window[l] for l in layer_list),
     )

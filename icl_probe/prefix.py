@@ -20,10 +20,10 @@ return) it falls back to :func:`icl_probe.trace` on the full prompts: same recor
 >>> model = ip.tiny_model()
 >>> task = ip.load_task("capital")
 >>> pairs = [ip.build_prompt(model, task, q, demos=[5, 6, 7]) for q in (0, 1, 2)]
->>> shared_prefix_length(pairs) == pairs[0].spans.query.start
+>>> shared_prefix_length(pairs) >= pairs[0].spans.query.start   # the demonstrations, at least
 True
 >>> rec = trace_shared_prefix(model, pairs, what=("scores", "attn_out"))
->>> rec.meta["shared_prefix"] == pairs[0].spans.query.start
+>>> rec.meta["shared_prefix"] == shared_prefix_length(pairs)
 True
 """
 
@@ -35,6 +35,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .errors import TraceError
+from .architectures import attention_spec
 from .hooks import (_HOOKS, QUANTITIES, AttentionRecord, _hook_names, _live_hooks,
                     _pad_stack, attention_weights, group_mapping, trace)
 from .prompts import PromptPair
@@ -60,8 +61,11 @@ def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
     prefix every prompt shares run once (see the module docstring)."""
     what = tuple(QUANTITIES) if what is None else tuple(dict.fromkeys(what))
     P = shared_prefix_length(pairs) if len(pairs) > 1 else 0
-    names, rotated = _hook_names(model)
-    if P < min_prefix or not rotated or "head_out" in what:
+    names, direct = _hook_names(model)
+    spec = attention_spec(model)
+    # the shortcut reads every quantity straight off its hook: models whose q/k or scores
+    # trace() completes after the forward, or whose sliding window masks keys, go through trace()
+    if P < min_prefix or not direct or "head_out" in what or any(spec.window):
         return trace(model, pairs, kind="icl", what=what, layers=layers, batch_size=batch_size)
     cfg = model.cfg
     layer_list = tuple(range(cfg.n_layers)) if layers is None else tuple(int(l) for l in layers)
@@ -166,6 +170,9 @@ def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
         logits=torch.cat(logits_parts, 0)[inverse.to(logits_parts[0].device)],
         hook_names={q: names[q] for q in data}, kind="icl", q_rotated=True,
         meta={"shared_prefix": P},
+        scale=torch.tensor([spec.scale[l] for l in layer_list], dtype=torch.float64),
+        softcap=tuple(spec.softcap[l] for l in layer_list),
+        window=tuple(spec.window[l] for l in layer_list),
     )
 
 

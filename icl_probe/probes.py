@@ -10,8 +10,10 @@ For a batch of prompt pairs, :func:`implied_updates` runs one traced forward per
 
    (``v ⊗ k = v kᵀ``; ``D`` = demonstration tokens, ``Q`` = BOS + query tokens; ``k`` after
    rotary). Per-demonstration terms ``ΔW_i`` sum to ``ΔW_ICL``. The model-space form is
-   ``W_O^h ΔW_ICL R_p W_Q^h`` (d_model x d_model): ``R_p`` is the rotary rotation at ``p``
-   (identity without rotary), so that ``M r_p = W_O^h ΔW_ICL q_p`` exactly.
+   ``M = W_O^h ΔW_ICL R_p D_p W_Q^h`` (d_model x d_model) with offset
+   ``c = W_O^h ΔW_ICL R_p D_p b_Q^h``: ``R_p`` is the rotary rotation at ``p`` with the model's
+   own phases (partial rotary, per-layer rope; identity without rotary) and ``D_p`` the QK-norm's
+   gain at ``p`` (identity without QK-norm), so that ``M r_p + c = W_O^h ΔW_ICL q_p`` exactly.
 2. **Exact softmax split**: ``λ = Σ_{j∈D} a_j`` and ``z = (1-λ) z_Q + λ z_D`` with
    ``z_Q = Σ_{j∈Q} a_j v_j / (1-λ)``, ``z_D = Σ_{j∈D} a_j v_j / λ``.
 3. **Exact rank-1 MLP update** (Dherin et al. 2025, arXiv 2507.16003): for each first-layer
@@ -45,6 +47,8 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 import torch
 
+from .architectures import (allowed_keys, attention_pattern, attention_scores, attention_spec,
+                            rotate_like_model)
 from .errors import IclProbeError
 from .hooks import AttentionRecord, expand_kv, trace
 from .prompts import PromptPair
@@ -170,7 +174,8 @@ class ImpliedUpdates:
         demo_terms   layer batch demo head d_head d_head   (only with per_demo=True)
         demo_norms   layer batch demo head             ‖ΔW_i‖_F
         lam          layer batch head                  attention mass on demonstrations
-        z, z_Q, z_D  layer batch head d_head           the real z and the split's parts
+        z, z_Q, z_D  layer batch head d_head           the real z and the split's parts (0 for
+                                                       a side without attention mass)
         fidelity_err layer batch head                  min_c ‖h − c h_lin‖ / ‖h‖
         mlp_a[name]  layer batch d_mlp                 W (u_ctx − u_0)
         mlp_b        layer batch d_model               u_0 / ‖u_0‖²   (ΔW = a bᵀ)
@@ -197,6 +202,7 @@ class ImpliedUpdates:
     records: dict[str, AttentionRecord] = field(repr=False, default_factory=dict)
     demo_terms: torch.Tensor | None = None
     model_space: torch.Tensor | None = None  # model_space_layers batch head d_model d_model
+    model_space_bias: torch.Tensor | None = None  # model_space_layers batch head d_model
     model_space_layers: tuple[int, ...] = ()
 
     def dW_icl_rank(self) -> torch.Tensor:
@@ -279,24 +285,61 @@ def _linear_attention(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor,
     return torch.einsum("lbgrt,lbtgv->lbgrv", s, v).flatten(2, 3)
 
 
-def _rotate_rows(model: Any, w_q: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """R_p applied to W_Q's output side: rows of ``w_q`` (..., d_model, d_head) rotated as
-    queries at position ``pos`` (Llama's rotate-half convention, the bridge's cos/sin)."""
-    rotary = getattr(model, "rotary_emb", None)
-    if getattr(model.cfg, "positional_embedding_type", None) != "rotary":
-        return w_q
-    if rotary is None or getattr(model.cfg, "rotary_adjacent_pairs", False) or \
-            getattr(model.cfg, "rotary_dim", None) not in (None, model.cfg.d_head):
-        raise ProbeError(
-            "model_space=True: only full rotate-half rotary (Llama-style) is supported for the "
-            "model-space form; use the head-space ΔW_ICL (which is exact) instead"
-        )
-    dummy = torch.zeros(1, 1, model.cfg.d_model, dtype=w_q.dtype, device=w_q.device)
-    cos, sin = rotary.original_component(dummy, pos.view(1, 1).to(w_q.device))
-    cos, sin = cos[0, 0].to(w_q.dtype), sin[0, 0].to(w_q.dtype)  # d_head
-    d = w_q.shape[-1]
-    rot = torch.cat([-w_q[..., d // 2:], w_q[..., : d // 2]], -1)
-    return w_q * cos + rot * sin
+def model_space_trace_what(model: Any) -> tuple[str, ...]:
+    """The extra trace quantities the model-space form needs on ``model``: the attention input
+    ``r_p``, the rotary phases at ``p``, and (QK-norm models) ``q`` before and after the norm."""
+    spec = attention_spec(model)
+    extra = ["attn_in"]
+    if spec.rotary:
+        extra += ["rot_cos", "rot_sin"]
+    if spec.qk_norm is not None:
+        extra += ["q_pre", "q_normed"]
+    return tuple(extra)
+
+
+def _query_map(spec: Any, icl: AttentionRecord, li: int, b: int, W_Q: torch.Tensor,
+               b_Q: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The affine map ``r -> q`` the model applies at ``p`` in traced layer ``li`` for prompt
+    ``b``: ``q_p = r_p @ A + a`` with ``A = W_Q D_p R_p`` (head d_model d_head) and
+    ``a = b_Q D_p R_p`` (head d_head). ``R_p`` is the rotary rotation with the model's own phases
+    at ``p`` (partial, per layer type, scaled); ``D_p`` the QK-norm's gain at ``p``,
+    ``diag(q̃_p / q_p)`` from ``hook_q`` and ``hook_q_normed``, identity without QK-norm. For
+    the RMSNorms of Gemma 3, Qwen3 and OLMo 2 that is exactly ``γ / rms(q_p)``: the norm is
+    linear once its input is fixed. (A LayerNorm-type QK-norm, which centres and adds a bias, is
+    only matched at ``q_p`` itself by this ratio.)"""
+    p = int(icl.pred_slot[b])
+    H, D = W_Q.shape[0], W_Q.shape[-1]
+    bias = b_Q if b_Q is not None else W_Q.new_zeros(H, D)
+    if spec.qk_norm is not None:
+        raw, normed = icl.q_pre[li, b, p], icl.q_normed[li, b, p]  # head d_head
+        gain = torch.where(raw != 0, normed / torch.where(raw != 0, raw, 1), 0)
+        W_Q, bias = W_Q * gain[:, None, :], bias * gain
+    if spec.rotary:
+        cos, sin = icl.rot_cos[li, b, p], icl.rot_sin[li, b, p]  # r
+        W_Q, bias = rotate_like_model(spec, W_Q, cos, sin), rotate_like_model(spec, bias, cos, sin)
+    return W_Q, bias
+
+
+def _model_space(model: Any, icl: AttentionRecord, dW: torch.Tensor, layers: Sequence[int],
+                 n_prompts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``M = W_O^h ΔW_ICL A^h`` (layer batch head d_model d_model, REFERENCE orientation) and
+    ``c = W_O^h ΔW_ICL a^h`` (layer batch head d_model) such that ``M r_p + c = W_O ΔW q_p``."""
+    spec = attention_spec(model)
+    dev = dW.device
+    W_Q = icl.W_Q.to(dev)  # layer head d_model d_head
+    W_O = icl.W_O.to(dev)  # layer head d_head d_model
+    b_Q = icl.b_Q.to(dev) if "b_Q" in icl.weights else None
+    ms, mb = [], []
+    for l in layers:
+        li = icl.layer_index(l)
+        per_b, per_c = [], []
+        for b in range(n_prompts):
+            A, a = _query_map(spec, icl, li, b, W_Q[li], None if b_Q is None else b_Q[li])
+            per_b.append(torch.einsum("hvm,hvk,hnk->hmn", W_O[li], dW[li, b], A))
+            per_c.append(torch.einsum("hvm,hvk,hk->hm", W_O[li], dW[li, b], a))
+        ms.append(torch.stack(per_b))
+        mb.append(torch.stack(per_c))
+    return torch.stack(ms), torch.stack(mb)
 
 
 def implied_updates(
@@ -314,19 +357,25 @@ def implied_updates(
     One traced forward per prompt kind (ICL, ZS); only the prediction position's query-side
     quantities and the keys/values are kept. ``per_demo=True`` keeps the per-demonstration
     matrices (``demo_terms``; their norms are always kept). ``model_space`` (True, or a list
-    of layers) adds ``W_O ΔW_ICL R_p W_Q`` (layer batch head d_model d_model): large, so only
-    on request.
+    of layers) adds ``M = W_O ΔW_ICL R_p D_p W_Q`` (layer batch head d_model d_model) and its
+    offset ``c = W_O ΔW_ICL R_p D_p b_Q`` (``model_space_bias``), so that
+    ``M r_p + c = W_O ΔW_ICL q_p`` exactly: large, so only on request.
     """
     check_pairs(pairs)
-    pairs = list(pairs)
     layer_list = tuple(range(model.cfg.n_layers)) if layers is None else tuple(layers)
     for l in layer_list:
         mlp_first_layers(model, l)  # fail early on MLPs without a linear first layer
-    what = _TRACE_WHAT + (("attn_in",) if model_space is not False else ())
+    what = _TRACE_WHAT + (model_space_trace_what(model) if model_space is not False else ())
     icl = trace(model, pairs, what=what, layers=layer_list, batch_size=batch_size,
                 progress=progress)
     zs = trace(model, pairs, kind="zs", what=("mlp_in",), layers=layer_list,
                batch_size=batch_size, progress=progress)
+    return _updates_from_records(model, list(pairs), icl, zs, layer_list, per_demo, model_space)
+
+
+def _updates_from_records(model: Any, pairs: list[PromptPair], icl: AttentionRecord,
+                          zs: AttentionRecord, layer_list: tuple[int, ...], per_demo: bool,
+                          model_space: bool | Sequence[int]) -> ImpliedUpdates:
     T = icl.data["k"].shape[2]  # key_pos (all positions, padded)
     D = max(p.k for p in pairs)
     dt = icl.data["v"].dtype
@@ -372,7 +421,10 @@ def implied_updates(
     L, B = a.shape[:2]
     zD = torch.einsum("lbgrt,lbtgd->lbgrd", a_D.view(L, B, G, R, -1), v).flatten(2, 3)
     zQ = torch.einsum("lbgrt,lbtgd->lbgrd", a_Q.view(L, B, G, R, -1), v).flatten(2, 3)
-    zD, zQ = zD / lam[..., None], zQ / (1 - lam)[..., None]
+    # A side with no attention mass (a sliding window that no longer reaches BOS, say) has
+    # no mean: its part is 0, and (1-λ) z_Q + λ z_D = z still holds.
+    zD = torch.where(lam[..., None] > 0, zD / lam[..., None], 0)
+    zQ = torch.where((1 - lam)[..., None] > 0, zQ / (1 - lam)[..., None], 0)
 
     # 4: dual-form fidelity, best scalar rescaling, in model space (h = W_O z)
     q = icl.at_pred("q")  # layer batch head d_head
@@ -389,39 +441,31 @@ def implied_updates(
     mlp_a: dict[str, torch.Tensor] = {}
     for li, l in enumerate(layer_list):
         for inp in mlp_first_layers(model, l):
-            W = _mlp_weight(model, l, inp).to(dev)  # d_mlp d_model
+            W = _mlp_weight(model, l, inp).to(dev, u_ctx.dtype)  # d_mlp d_model
             mlp_a.setdefault(inp.name, torch.zeros(len(layer_list), len(pairs), W.shape[0],
                                                    dtype=dt, device=dev))
             mlp_a[inp.name][li] = (u_ctx[li] - u_0[li]) @ W.T
     mlp_b = u_0 / (u_0 * u_0).sum(-1, keepdim=True)
 
-    ms = None
+    ms = mb = None
+    wanted: tuple[int, ...] = ()
     if model_space is not False:
         wanted = layer_list if model_space is True else tuple(model_space)
-        W_Q = icl.W_Q.to(dev)  # layer head d_model d_head  (q = r @ W_Q)
-        ms_list = []
-        for l in wanted:
-            li = icl.layer_index(l)
-            per_b = []
-            for b, p in enumerate(pairs):
-                WQ_rot = _rotate_rows(model, W_Q[li], torch.tensor(p.spans.pred))  # head m d
-                # M = W_O^h ΔW R_p W_Q^h in REFERENCE orientation (d_model x d_model)
-                per_b.append(torch.einsum("hvm,hvk,hnk->hmn", W_O[li], dW[li, b], WQ_rot))
-            ms_list.append(torch.stack(per_b))
-        ms = torch.stack(ms_list)
-    else:
-        wanted = ()
+        ms, mb = _model_space(model, icl, dW, wanted, len(pairs))
 
     return ImpliedUpdates(
         layers=layer_list, pairs=pairs, dW_icl=dW, W_zs=W_zs, demo_norms=demo_norms,
         demo_mask=demo_mask, lam=lam, z=z, z_Q=zQ, z_D=zD, q=q, fidelity_err=fidelity,
         mlp_a=mlp_a, mlp_b=mlp_b, u_ctx=u_ctx, u_0=u_0, mlp_out_icl=icl.at_pred("mlp_out"),
         records={"icl": icl, "zs": zs}, demo_terms=demo_terms, model_space=ms,
-        model_space_layers=tuple(wanted),
+        model_space_bias=mb, model_space_layers=wanted,
     )
 
 
 # ------------------------------------------------------------------------------ verification
+
+MODEL_IDENTITY = "model identity"
+CONSISTENCY_CHECK = "consistency check"
 
 
 def _rel(err: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -429,6 +473,14 @@ def _rel(err: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     num, den = err.norm(dim=-1), ref.norm(dim=-1)
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny),
                        torch.where(num > 0, torch.inf, torch.zeros_like(num)))
+
+
+def _rel_masked(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """:func:`_rel` over the finite entries of score rows (-inf = masked key); a row whose
+    masked keys differ between ``x`` and ``ref`` gets an infinite error."""
+    fx, fr = torch.isfinite(x), torch.isfinite(ref)
+    err = _rel(torch.where(fr, x, 0) - torch.where(fr, ref, 0), torch.where(fr, ref, 0))
+    return torch.where((fx != fr).any(-1), torch.inf, err)
 
 
 def _rank1_residual(m: torch.Tensor, iters: int = 50) -> torch.Tensor:
@@ -449,73 +501,129 @@ def _rank1_residual(m: torch.Tensor, iters: int = 50) -> torch.Tensor:
 def verify_identities(model: Any, pairs: Sequence[PromptPair], *,
                       layers: Iterable[int] | None = None,
                       updates: ImpliedUpdates | None = None) -> pd.DataFrame:
-    """Check every identity of REFERENCE.md §1 on ``model`` and ``pairs``; return the worst
-    relative error per identity and layer (columns ``identity``, ``layer``, ``max_rel_err``).
+    """Check the identities of REFERENCE.md §1 on ``model`` and ``pairs`` at ``p``; return the
+    worst relative error per identity and layer (columns ``identity``, ``kind``, ``layer``,
+    ``max_rel_err``).
 
-    - ``dual_form``: ``(W_ZS + ΔW_ICL) q = Σ_{j≤p} v_j (k_j·q)`` (linear attention, real q, k, v)
-    - ``demo_terms_sum``: ``Σ_i ΔW_i = ΔW_ICL``
-    - ``softmax_split``: ``(1-λ) z_Q + λ z_D = z`` against the real ``hook_z``
-    - ``mlp_pre_rank1``: ``(W + ΔW) u_0 = W u_ctx`` for every first-layer MLP matrix
-    - ``mlp_rank1``: the real MLP module with ``W + ΔW`` on ``u_0`` against the real MLP
-      output at ``p`` in the ICL run (``hook_mlp_out``)
-    - ``mlp_delta_rank1``: ``‖ΔW − σ_1 u_1 v_1ᵀ‖_F / ‖ΔW‖_F`` (0 when ΔW has rank 1)
-    - ``model_space``: ``M r_p = W_O ΔW_ICL q_p`` for the model-space form, on the first,
-      middle and last layer (bias-free q only)
+    **Model identities** (``kind == "model identity"``): each quantity is recomputed from the
+    one before and compared with a separately captured hook, so a wrong q, k, scale, mask or
+    rotary shows up here.
+
+    - ``scores``: ``softcap(scale · q·k)`` + the causal/sliding-window mask against
+      ``hook_attn_scores`` (where the bridge has a genuine pre-softmax hook; GPT-J has none)
+    - ``pattern``: ``softmax(scores)`` against ``hook_pattern`` (scores recomputed from q and k
+      where there is no scores hook)
+    - ``z``: ``Σ_j a_j v_j`` against ``hook_z``
+    - ``attn_out``: ``Σ_h W_O^h z^h + b_O`` against the attention module's output
+      (``attn.hook_out``)
+    - ``mlp_rank1``: the real MLP module with ``W + ΔW`` on ``u_0`` against the MLP's real
+      output at ``p`` in the ICL run (``mlp.hook_out``)
+    - ``model_space``: ``M r_p + c`` against ``W_O ΔW_ICL q_p`` with the recorded q: M is built
+      from the weights, the rotary phases and the QK-norm gain, so this recomputes q from
+      ``r_p`` (first, middle and last layer)
+
+    **Consistency checks** (``kind == "consistency check"``): algebra that holds by
+    construction for any q, k, v (it compares the recorded tensors with themselves,
+    rearranged), so it tests the toolkit's einsums, not the model:
+    ``dual_form`` (``(W_ZS + ΔW_ICL) q = Σ_{j≤p} v_j (k_j·q)``), ``demo_terms_sum``
+    (``Σ_i ΔW_i = ΔW_ICL``), ``softmax_split`` (``(1-λ) z_Q + λ z_D = z``),
+    ``mlp_pre_rank1`` (``(W + ΔW) u_0 = W u_ctx``), ``mlp_delta_rank1``
+    (``‖ΔW − σ_1 u_1 v_1ᵀ‖_F / ‖ΔW‖_F``, 0 when ΔW has rank 1).
     """
+    spec = attention_spec(model)
+    extra = ("scores", "attn_out") if spec.scores_hooked else ("attn_out",)
     if updates is None:
+        check_pairs(pairs)
         layer_list = tuple(range(model.cfg.n_layers)) if layers is None else tuple(layers)
+        for l in layer_list:
+            mlp_first_layers(model, l)
         # the model-space matrices are d_model x d_model per head: check three layers
         sample = sorted({layer_list[0], layer_list[len(layer_list) // 2], layer_list[-1]})
-        updates = implied_updates(model, pairs, layers=layer_list, per_demo=True,
-                                  model_space=sample)
+        icl = trace(model, pairs, what=_TRACE_WHAT + model_space_trace_what(model) + extra,
+                    layers=layer_list)
+        zs = trace(model, pairs, kind="zs", what=("mlp_in",), layers=layer_list)
+        updates = _updates_from_records(model, list(pairs), icl, zs, layer_list, True, sample)
     up = updates
     icl = up.records["icl"]
+    if any(w not in icl.data for w in extra):
+        more = trace(model, up.pairs, what=extra, layers=up.layers)
+    else:
+        more = icl
     rows = []
 
-    def add(name: str, errs: torch.Tensor, layers: Sequence[int] | None = None) -> None:
+    def add(name: str, kind: str, errs: torch.Tensor, layers: Sequence[int] | None = None) -> None:
         worst = errs.flatten(1).max(dim=1).values  # errs: layer ...
-        rows.extend({"identity": name, "layer": l, "max_rel_err": float(e)}
+        rows.extend({"identity": name, "kind": kind, "layer": l, "max_rel_err": float(e)}
                     for l, e in zip(layers or up.layers, worst.tolist()))
 
+    # ---- model identities, each against its own hook
     T = icl.data["k"].shape[2]
+    k_all = icl.k[..., :T, :, :]  # layer batch key_pos head d_head (per query head)
+    q_pos = icl.pred[:, None]  # batch 1
+    hooked_scores = more.at_pred("scores")[..., :T] if spec.scores_hooked else None
+    s_errs, p_errs = [], []
+    for li, l in enumerate(up.layers):
+        allowed = allowed_keys(spec, l, q_pos, T, icl.lengths)
+        s = attention_scores(spec, l, up.q[li][:, None], k_all[li], allowed)[:, 0]  # batch head T
+        if hooked_scores is not None:
+            s_errs.append(_rel_masked(s, hooked_scores[li]))
+            s = hooked_scores[li]
+        pattern = attention_pattern(spec, s)
+        p_errs.append(_rel(pattern - icl.at_pred("pattern")[li, ..., :T],
+                           icl.at_pred("pattern")[li, ..., :T]))
+    if s_errs:
+        add("scores", MODEL_IDENTITY, torch.stack(s_errs))
+    add("pattern", MODEL_IDENTITY, torch.stack(p_errs))
+    a = icl.at_pred("pattern")[..., :T]
+    z_rec = torch.einsum("lbht,lbthd->lbhd", a, icl.v[..., :T, :, :])
+    add("z", MODEL_IDENTITY, _rel(z_rec - up.z, up.z))
+    W_O = icl.W_O.to(up.z.device)
+    out = torch.einsum("lbhd,lhdm->lbm", up.z, W_O)
+    if "b_O" in icl.weights and icl.b_O is not None:
+        out = out + icl.b_O.to(out.device)[:, None, :]
+    attn_out = more.at_pred("attn_out")
+    add("attn_out", MODEL_IDENTITY, _rel(out - attn_out, attn_out))
+
+    pre_errs, out_errs, rank_errs = [], [], []
+    for li, l in enumerate(up.layers):
+        pre, outs, rk = [], [], []
+        for b in range(len(up.pairs)):
+            deltas = {name: up.mlp_delta(name, l, b) for name in up.mlp_a}
+            for inp in mlp_first_layers(model, l):
+                W = _mlp_weight(model, l, inp).to(up.u_0.device, up.u_0.dtype)
+                want = W @ up.u_ctx[li, b]
+                pre.append(_rel((W + deltas[inp.name]) @ up.u_0[li, b] - want, want))
+                rk.append(_rank1_residual(deltas[inp.name]))
+            dtype = next(model.parameters()).dtype
+            patched = run_mlp(model, l, up.u_0[li, b][None, None].to(dtype), deltas)[0, 0]
+            ref = up.mlp_out_icl[li, b]
+            outs.append(_rel(patched.to(ref.dtype) - ref, ref))
+        pre_errs.append(torch.stack(pre))
+        out_errs.append(torch.stack(outs))
+        rank_errs.append(torch.stack(rk))
+    add("mlp_rank1", MODEL_IDENTITY, torch.stack(out_errs))
+    if up.model_space is not None:
+        idx = [icl.layer_index(l) for l in up.model_space_layers]
+        r_p = icl.at_pred("attn_in")[idx]
+        via_m = torch.einsum("lbhmn,lbn->lbhm", up.model_space, r_p) + up.model_space_bias
+        via_q = torch.einsum("lbhvk,lbhk,lhvm->lbhm", up.dW_icl[idx], up.q[idx], W_O[idx])
+        add("model_space", MODEL_IDENTITY, _rel(via_m - via_q, via_q), up.model_space_layers)
+
+    # ---- consistency checks: algebra on the recorded tensors
     keys = torch.zeros(len(up.pairs), T, dtype=up.q.dtype, device=up.q.device)
     for b, p in enumerate(up.pairs):
         keys[b, : len(p.icl_ids)] = 1
     lin = _linear_attention(icl.data["k"], icl.data["v"], up.q, keys)
     dual = torch.einsum("lbhvk,lbhk->lbhv", up.W_zs + up.dW_icl, up.q)
-    add("dual_form", _rel(dual - lin, lin))
+    add("dual_form", CONSISTENCY_CHECK, _rel(dual - lin, lin))
     if up.demo_terms is not None:
-        add("demo_terms_sum", _rel((up.demo_terms.sum(2) - up.dW_icl).flatten(-2),
-                                   up.dW_icl.flatten(-2)))
+        add("demo_terms_sum", CONSISTENCY_CHECK,
+            _rel((up.demo_terms.sum(2) - up.dW_icl).flatten(-2), up.dW_icl.flatten(-2)))
     lam = up.lam[..., None]
-    add("softmax_split", _rel((1 - lam) * up.z_Q + lam * up.z_D - up.z, up.z))
-    pre_errs, out_errs, rank_errs = [], [], []
-    for li, l in enumerate(up.layers):
-        pre, out, rk = [], [], []
-        for b in range(len(up.pairs)):
-            deltas = {name: up.mlp_delta(name, l, b) for name in up.mlp_a}
-            for inp in mlp_first_layers(model, l):
-                W = _mlp_weight(model, l, inp).to(up.u_0.device)
-                want = W @ up.u_ctx[li, b]
-                pre.append(_rel((W + deltas[inp.name]) @ up.u_0[li, b] - want, want))
-                rk.append(_rank1_residual(deltas[inp.name]))
-            patched = run_mlp(model, l, up.u_0[li, b][None, None], deltas)[0, 0]
-            out.append(_rel(patched - up.mlp_out_icl[li, b], up.mlp_out_icl[li, b]))
-        pre_errs.append(torch.stack(pre))
-        out_errs.append(torch.stack(out))
-        rank_errs.append(torch.stack(rk))
-    add("mlp_pre_rank1", torch.stack(pre_errs))
-    add("mlp_rank1", torch.stack(out_errs))
-    add("mlp_delta_rank1", torch.stack(rank_errs))
-    if up.model_space is not None and "b_Q" not in icl.weights:
-        idx = [icl.layer_index(l) for l in up.model_space_layers]
-        r_p = icl.at_pred("attn_in")[idx]
-        via_m = torch.einsum("lbhmn,lbn->lbhm", up.model_space, r_p)
-        via_q = torch.einsum("lbhvk,lbhk,lhvm->lbhm", up.dW_icl[idx], up.q[idx],
-                             icl.W_O[idx].to(up.q.device))
-        add("model_space", _rel(via_m - via_q, via_q), up.model_space_layers)
+    add("softmax_split", CONSISTENCY_CHECK, _rel((1 - lam) * up.z_Q + lam * up.z_D - up.z, up.z))
+    add("mlp_pre_rank1", CONSISTENCY_CHECK, torch.stack(pre_errs))
+    add("mlp_delta_rank1", CONSISTENCY_CHECK, torch.stack(rank_errs))
     return pd.DataFrame(rows)
-
 
 
 # ------------------------------------------------------------------------------ k = 1, 2, ...

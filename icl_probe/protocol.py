@@ -283,11 +283,12 @@ def _logits(model: Any, pairs: list[PromptPair], kind: str) -> torch.Tensor:
 
 
 def _scale(rec: Any, li: int) -> float:
-    s = getattr(rec, "__dict__", {}).get("scale")
+    """The factor the model multiplies q·k by in the record's ``li``-th layer."""
+    s = rec.__dict__.get("scale")
     if s is None:
         return rec.d_head ** -0.5
-    s = torch.as_tensor(s)
-    return float(s.flatten()[li] if s.numel() > 1 else s)
+    s = torch.as_tensor(s).flatten()
+    return float(s[li] if s.numel() > 1 else s[0])
 
 
 def _evaluate(model: Any, refs: _Refs, fts: list[Any], cfg: FineTuneConfig, *, gen: torch.Generator,

@@ -19,6 +19,7 @@ True
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -48,8 +49,11 @@ def bootstrap_ci(values: np.ndarray, statistic: Callable = np.mean, *, seed: int
     if np.all(x == x[0]):
         v = float(statistic(x, axis=-1))
         return v, v
-    res = _st.bootstrap((x,), statistic, confidence_level=confidence, n_resamples=n_resamples,
-                        method=method, vectorized=True, random_state=np.random.default_rng(seed))
+    with warnings.catch_warnings():  # a degenerate BCa falls back to percentile below
+        warnings.simplefilter("ignore")
+        res = _st.bootstrap((x,), statistic, confidence_level=confidence,
+                            n_resamples=n_resamples, method=method, vectorized=True,
+                            random_state=np.random.default_rng(seed))
     lo, hi = res.confidence_interval
     if not (np.isfinite(lo) and np.isfinite(hi)) and method != "percentile":
         return bootstrap_ci(x, statistic, seed=seed, confidence=confidence,

@@ -76,7 +76,8 @@ def test_kendall_icl_ft_follows_the_definition():
     icl_w = torch.softmax(torch.tensor([sum(scores[h, j] for h in range(H)) for j in range(J)]), 0)
     ft_w = torch.softmax(torch.tensor([sum(float(q_steps[j, h] @ q_ft[h]) for h in range(H))
                                        for j in range(J)]), 0)
-    assert abs(C.kendall_icl_ft(scores, q_steps, q_ft) - C.kendall_tau(icl_w, ft_w)) < TOL
+    assert abs(C.kendall_icl_ft(scores, q_steps, q_ft, scale=1.0)
+               - C.kendall_tau(icl_w, ft_w)) < TOL
 
 
 def test_distribution_metrics():
@@ -106,31 +107,36 @@ def test_baselines_are_honest():
     assert (u > 0.7).all()  # Dai's U[0,1) baseline is biased towards all-positive vectors
 
 
+@pytest.mark.embedded
 def test_compare_end_to_end_on_the_embedded_model(embedded):
-    tables = ip.compare(embedded, "sentiment", k=4, queries=range(3),
-                        gd=dict(method="dai", params="kv", lr=1e-3))
+    tables = ip.compare(embedded, "sentiment", k=4, queries=3,
+                        gd=ip.FineTuneConfig(method="dai", params="kv", lr=1e-2), progress=False)
+    assert tables.finetunes == 4  # the model and three baseline runs, one fine-tune each
     pq = tables.per_query
-    assert {"query", "zs_correct", "icl_correct", "ft_correct"} <= set(pq.columns)
-    assert set(pq.baseline) == {"model", "shuffled_labels", "untrained", "embeddings_only"}
-    assert len(pq) == 12
+    assert {"query", "seed", "demos", "zs_correct", "icl_correct", "ft_correct"} <= set(pq.columns)
+    assert set(pq.run) == {"model", "shuffled_labels", "untrained", "embeddings_only"}
+    assert len(pq) == 12 and pq.demos.nunique() == 1  # one demonstration set for every query
     s = tables.summary
-    assert {"task", "metric", "value", "layer", "baseline"} <= set(s.columns)
+    assert {"task", "metric", "value", "ci_low", "ci_high", "layer", "baseline", "run",
+            "verdict"} <= set(s.columns)
     needed = {"acc_ZS", "acc_ICL", "acc_FT", "Rec2FTP", "SimAOU", "SimAOU_norm", "SimAM_before",
-              "SimAM_after", "SimAM_delta", "Kendall", "top10_overlap", "overlap_cosine",
-              "kl_icl_ft", "weight_cos"}
+              "SimAM_after", "SimAM_delta", "Kendall", "Kendall_example", "top10_overlap",
+              "overlap_cosine", "kl_icl_ft", "weight_cos"}
     assert needed <= set(s.metric)
-    layer_avg = s[(s.layer == -1) & (s.baseline == "model")].set_index("metric").value
+    ours = s[(s.layer == -1) & (s.run == "model") & (s.baseline == "")].set_index("metric").value
     for m in needed - {"Rec2FTP", "overlap_cosine"}:  # those two may be NaN by definition
-        assert math.isfinite(layer_avg[m]), m
-    assert set(s[s.metric == "SimAOU"].baseline) >= {"model", "random_update", "uniform_random",
-                                                     "shuffled_labels"}
-    assert sorted(s[(s.metric == "SimAOU") & (s.baseline == "model")].layer) == list(range(-1, 30))
+        assert math.isfinite(ours[m]), m
+    diffs = s[(s.metric == "SimAOU") & (s.kind == "difference")]
+    assert set(diffs.baseline) == {"random_update", "uniform_random", "shuffled_labels",
+                                   "untrained", "embeddings_only"}
+    per_layer = s[(s.metric == "SimAOU") & (s.run == "model") & (s.baseline == "")
+                  & (s.kind != "difference")]
+    assert sorted(per_layer.layer) == list(range(-1, 30))
     ph = tables.per_head
     assert len(ph) == 12 * 30 * 9 and set(ph["head"]) == set(range(9))
-    one = ph[(ph.baseline == "model") & (ph["query"] == 0) & (ph.layer == 7)]
+    one = ph[(ph.run == "model") & (ph["query"] == pq["query"].iloc[0]) & (ph.layer == 7)]
     assert one.groupby("kv_head").weight_cos.nunique().eq(1).all()  # shared within a group
-    table = C.dai_table(s)
-    assert "SimAOU | random_update" in table.index and "Avg." in table.columns
+    assert set(tables.table.metric) >= {"Rec2FTP", "SimAOU", "Kendall"}
 
 
 def test_order_sensitivity_zero_for_full_batch_gd():

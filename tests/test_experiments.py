@@ -206,7 +206,7 @@ def test_sigint_keeps_finished_units_and_exits_130(embedded, tmp_path):
 
     cfg = _toml(tmp_path, '[experiment]\nsections = ["linear_attention"]\n[linear_attention]\n'
                 'seeds = [0, 1, 2, 3]\nline_search_tasks = 200\neigen_tasks = 50\n'
-                'steps = 4000\nbatch_size = 256\neval_every = 1000')
+                'steps = 1500\nbatch_size = 128\neval_every = 500')
     out = tmp_path / "o"
     proc = subprocess.Popen([sys.executable, "-m", "icl_probe.cli", "run", str(cfg), "--out",
                              str(out)], stdout=subprocess.PIPE,

@@ -98,27 +98,31 @@ def test_record_matches_plain_transformers_forward(tiny64):
 
 @pytest.mark.parametrize("arch", ["gpt2", "neox"])
 def test_other_architectures_exact_scores_and_outputs(arch):
+    # neox: Pythia's layout, rotary on the first quarter of each head (rotary_pct = 0.25),
+    # which the bridge's post-rotary hooks never see: trace rotates q and k itself
     model = ip.tiny_model(arch, dtype=torch.float64, n_heads=4, d_model=40, d_head=10, seed=2)
     pairs = _pairs(model, n=2)
-    if arch == "neox":
-        with pytest.warns(RuntimeWarning, match="no post-rotary"):
-            rec = ip.trace(model, pairs, positions="all")
-    else:
-        rec = ip.trace(model, pairs, positions="all")
-    assert rec.q_rotated == (arch == "gpt2")
+    rec = ip.trace(model, pairs, positions="all")
+    assert rec.q_rotated
     for b, pair in enumerate(pairs):
         n = len(pair.icl_ids)
         with torch.no_grad():
             ref = model.original_model(pair.icl_ids[None]).logits[0, -1]
         assert (rec.logits[b] - ref).abs().max() < F64_TOL
         for li in rec.layers:
-            if arch == "gpt2":  # no rotary: scores follow from q, k and the biases exactly
-                x = rec.attn_in[li, b, :n]
-                q = torch.einsum("pm,hmd->phd", x, rec.W_Q[li]) + rec.b_Q[li]
-                assert (rec.q[li, b, :n] - q).abs().max() < F64_TOL
-                s = torch.einsum("phd,khd->phk", q, rec.k[li, b, :n]) / math.sqrt(rec.d_head)
-                causal = torch.ones(n, n).tril().bool()[:, None, :].expand_as(s)
-                assert (rec.scores[li, b, :n, :, :n][causal] - s[causal]).abs().max() < F64_TOL
+            x = rec.attn_in[li, b, :n]
+            q = torch.einsum("pm,hmd->phd", x, rec.W_Q[li]) + rec.b_Q[li]
+            k = torch.einsum("pm,hmd->phd", x, rec.W_K[li]) + rec.b_K[li]
+            if arch == "neox":  # rotate-half over the first 10 * 0.25 = 2 dims only
+                theta = model.original_model.config.rope_parameters["rope_theta"]
+                pos = torch.arange(n)
+                q = torch.cat([_rotary(q[..., :2], pos, theta), q[..., 2:]], -1)
+                k = torch.cat([_rotary(k[..., :2], pos, theta), k[..., 2:]], -1)
+            assert (rec.q[li, b, :n] - q).abs().max() < F64_TOL
+            assert (rec.k[li, b, :n] - k).abs().max() < F64_TOL
+            s = torch.einsum("phd,khd->phk", q, k) / math.sqrt(rec.d_head)
+            causal = torch.ones(n, n).tril().bool()[:, None, :].expand_as(s)
+            assert (rec.scores[li, b, :n, :, :n][causal] - s[causal]).abs().max() < F64_TOL
             z = torch.einsum("phk,khd->phd", rec.pattern[li, b, :n, :, :n], rec.v[li, b, :n])
             assert (rec.z[li, b, :n] - z).abs().max() < F64_TOL
             out = rec.head_out[li, b, :n].sum(1) + rec.b_O[li]

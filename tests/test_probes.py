@@ -83,9 +83,12 @@ def test_updates_against_python_loops(tiny64):
 def test_every_identity_holds_in_float64(arch):
     model = ip.tiny_model(arch, dtype=torch.float64, n_heads=4, d_model=40, d_head=10, seed=4)
     df = ip.verify_identities(model, _pairs(model))
-    expected = {"dual_form", "demo_terms_sum", "softmax_split", "mlp_pre_rank1", "mlp_rank1",
-                "mlp_delta_rank1"} | ({"model_space"} if arch == "llama" else set())
-    assert set(df.identity) == expected
+    kinds = df.groupby("identity").kind.first().to_dict()
+    assert kinds == {
+        **dict.fromkeys(("scores", "pattern", "z", "attn_out", "mlp_rank1", "model_space"),
+                        "model identity"),
+        **dict.fromkeys(("dual_form", "demo_terms_sum", "softmax_split", "mlp_pre_rank1",
+                         "mlp_delta_rank1"), "consistency check")}
     worst = df.groupby("identity").max_rel_err.max()
     assert (worst < F64_TOL).all(), worst.to_dict()
     assert set(df[df.identity == "mlp_rank1"].layer) == set(range(model.cfg.n_layers))
