@@ -462,8 +462,9 @@ class Comparison:
             queries = self.queries if split == "test" else self.dev_queries
             shuffle = run == "shuffled_labels"
             if self.protocol == "shared":
+                # one set for the seed, whatever the split: test and dev queries both excluded
                 demos = demonstrations(self.task, self.k, seed, balanced=self.balanced,
-                                       exclude=queries)
+                                       exclude=self.queries + self.dev_queries)
                 # with explicit demonstrations build_prompt's label permutation depends on the
                 # seed alone: every query of the seed gets the same one (the prefix stays shared)
                 out = [build_prompt(model, self.task, q, demos=demos, seed=seed,
