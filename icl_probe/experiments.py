@@ -47,20 +47,10 @@ from .config import EXPERIMENTS_DIR, Config, load_config  # noqa: F401 (re-expor
 from .errors import ConfigError, ExperimentError, IclProbeError  # noqa: F401
 
 
-# Reference numbers (REFERENCE.md §3): Dai et al. GPT 1.3B / 2.7B averages, Deutch et al.
-ANCHORS = pd.DataFrame([
-    ("Rec2FTP", "Dai et al. GPT 1.3B", 85.56), ("Rec2FTP", "Dai et al. GPT 2.7B", 89.39),
-    ("SimAOU_norm", "Dai et al. GPT 1.3B", 0.186), ("SimAOU_norm", "Dai et al. GPT 2.7B", 0.225),
-    ("SimAOU_norm | uniform_random", "Dai et al. GPT 1.3B", 0.002),
-    ("SimAM_before", "Dai et al. GPT 1.3B", 0.338), ("SimAM_after", "Dai et al. GPT 1.3B", 0.442),
-    ("SimAM_before", "Dai et al. GPT 2.7B", 0.355), ("SimAM_after", "Dai et al. GPT 2.7B", 0.434),
-    ("Kendall", "Dai et al. GPT 1.3B", 0.193), ("Kendall", "Dai et al. GPT 2.7B", 0.214),
-    ("SimAOU_norm", "Deutch et al. GPT 1.3B (GD)", 0.187),
-    ("SimAOU_norm", "Deutch et al. GPT 1.3B (LCGD)", 0.279),
-    ("SimAOU", "Deutch et al. GPT 1.3B (GD)", 0.102), ("SimAOU", "Deutch et al. GPT 1.3B (LCGD)", 0.167),
-    ("SimAM_delta", "Deutch et al. GPT 1.3B (GD)", 0.267),
-    ("SimAM_delta", "Deutch et al. GPT 1.3B (LCGD)", 0.336),
-], columns=["metric", "source", "value"])
+# The anchors' published numbers (docs/protocol.md, "Reference numbers"): one data file, read
+# here and quoted in the docs.
+ANCHORS_FILE = Path(__file__).resolve().parent / "data" / "anchors.csv"
+ANCHORS = pd.read_csv(ANCHORS_FILE, keep_default_na=False)
 
 
 # ------------------------------------------------------------------------------ sections
