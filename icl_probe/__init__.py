@@ -24,8 +24,8 @@ demo       demonstration index within a prompt
 =========  ==============================================================
 
 Conventions follow TransformerLens: hook names ``blocks.{l}.attn.hook_pattern``, weights
-``W_Q`` (layer head d_model d_head) with ``q = x @ W_Q``. The math in ``../shared/REFERENCE.md``
-writes ``q = W_Q r``; docstrings say where the transpose matters.
+``W_Q`` (layer head d_model d_head) with ``q = x @ W_Q``. The math in ``docs/science.md``
+(Notation) writes ``q = W_Q r``; docstrings say where the transpose matters.
 """
 
 from .protocol import CompareError, FineTuneConfig, Tables, compare

@@ -1,4 +1,5 @@
-"""Real gradient descent on exactly the demonstrations of an ICL prompt (REFERENCE.md §2).
+"""Real gradient descent on exactly the demonstrations of an ICL prompt (docs/science.md,
+Gradient-descent comparators).
 
 :func:`finetune` trains the selected parameters in place, records the real deltas
 ``θ_FT − θ_0`` and restores ``θ_0`` exactly (from the saved originals), so the base model is

@@ -6,7 +6,7 @@ what was asked for and only at the positions asked for (always including the pre
 position), so memory grows with the request rather than with a full activation cache.
 
 Quantities (TransformerLens hook names in brackets; ``pos`` = captured query positions,
-``key_pos`` = key positions; REFERENCE.md §0 notation):
+``key_pos`` = key positions; notation of docs/science.md, Notation):
 
 ==============  =========================================  ===============================
 name            hook                                       shape per layer
@@ -282,7 +282,8 @@ def clear_weight_cache(model: Any) -> None:
 def attention_weights(model: Any, layers: Sequence[int]) -> dict[str, torch.Tensor]:
     """``W_Q`` (layer head d_model d_head), ``W_K``/``W_V`` (layer kv_head d_model d_head),
     ``W_O`` (layer head d_head d_model), and the biases the model has, for ``layers``.
-    TransformerLens convention: ``q = attn_in @ W_Q + b_Q`` (REFERENCE.md writes ``W_Q r``).
+    TransformerLens convention: ``q = attn_in @ W_Q + b_Q`` (the papers write ``W_Q r``;
+    docs/science.md, Notation).
 
     Stacking them copies every attention matrix, so the result is cached on the model until
     its parameters change."""

@@ -25,7 +25,7 @@ from .prompts import PromptPair
 
 def demo_mass(record: AttentionRecord, pairs: list[PromptPair]) -> torch.Tensor:
     """λ = Σ_{j∈D} a_j: attention mass from the prediction position on demonstration tokens,
-    per layer, prompt and head (REFERENCE.md §1b). Shape (layer batch head)."""
+    per layer, prompt and head (docs/science.md, Exact softmax split). Shape (layer batch head)."""
     pattern = record.at_pred("pattern")  # layer batch head key_pos
     mask = torch.zeros(pattern.shape[1], pattern.shape[-1], dtype=pattern.dtype,
                        device=pattern.device)

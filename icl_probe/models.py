@@ -53,8 +53,8 @@ class ModelInfo:
     TransformerLens does by default, even where the tokenizer itself does not add it
     (SmolLM2). The first token of a prompt is an attention sink (on the embedded model it
     takes up to 84 % of the prediction position's attention in deep layers); with BOS first
-    the sink is a token of its own, counted with the query (REFERENCE.md §0), instead of the
-    first demonstration token.
+    the sink is a token of its own, counted with the query (docs/science.md, Notation),
+    instead of the first demonstration token.
     """
 
     source: str  # "embedded", "gguf", "hf", "directory", "memory"

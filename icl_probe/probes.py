@@ -1,4 +1,4 @@
-"""Implied weight updates read off ICL activations (REFERENCE.md §1a-1c).
+"""Implied weight updates read off ICL activations (docs/science.md, Implied weight updates).
 
 For a batch of prompt pairs, :func:`implied_updates` runs one traced forward per prompt kind
 (ICL and zero-shot) and returns, per layer and query head, at the prediction position ``p``:
@@ -24,8 +24,9 @@ For a batch of prompt pairs, :func:`implied_updates` runs one traced forward per
 4. **Dual-form fidelity** of each head: ``min_c ‖h − c·h_lin‖ / ‖h‖`` between the head's true
    output ``h = W_O z`` and its linear relaxation ``h_lin = W_O Σ_j v_j (k_j·q)``.
 
-Weights follow REFERENCE.md's orientation here (``ΔW`` maps ``q`` to ``z``: ``ΔW q``); the
-TransformerLens weights in the record are transposed (``q = r @ W_Q``).
+Weights follow the papers' column orientation here (``ΔW`` maps ``q`` to ``z``: ``ΔW q``;
+docs/science.md, Notation); the TransformerLens weights in the record are transposed
+(``q = r @ W_Q``).
 
 >>> import icl_probe as ip
 >>> model = ip.tiny_model()
@@ -130,7 +131,7 @@ def mlp_first_layers(model: Any, layer: int) -> list[_MlpInput]:
 
 
 def _mlp_weight(model: Any, layer: int, inp: _MlpInput) -> torch.Tensor:
-    """The first-layer matrix in REFERENCE orientation: (d_mlp, d_model), ``pre = W u``."""
+    """The first-layer matrix in column orientation: (d_mlp, d_model), ``pre = W u``."""
     w = dict(model.blocks[layer].mlp.named_parameters())[inp.param].detach()
     return w.T if inp.transposed else w
 
@@ -138,7 +139,7 @@ def _mlp_weight(model: Any, layer: int, inp: _MlpInput) -> torch.Tensor:
 def run_mlp(model: Any, layer: int, u: torch.Tensor,
             deltas: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """The real MLP module of ``layer`` on inputs ``u`` (..., d_model), optionally with its
-    first-layer matrices replaced by ``W + deltas[name]`` (REFERENCE orientation)."""
+    first-layer matrices replaced by ``W + deltas[name]`` (column orientation)."""
     mlp = model.blocks[layer].mlp
     params = dict(mlp.named_parameters())
     saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
@@ -322,7 +323,7 @@ def _query_map(spec: Any, icl: AttentionRecord, li: int, b: int, W_Q: torch.Tens
 
 def _model_space(model: Any, icl: AttentionRecord, dW: torch.Tensor, layers: Sequence[int],
                  n_prompts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``M = W_O^h ΔW_ICL A^h`` (layer batch head d_model d_model, REFERENCE orientation) and
+    """``M = W_O^h ΔW_ICL A^h`` (layer batch head d_model d_model, column orientation) and
     ``c = W_O^h ΔW_ICL a^h`` (layer batch head d_model) such that ``M r_p + c = W_O ΔW q_p``."""
     spec = attention_spec(model)
     dev = dW.device
@@ -352,7 +353,8 @@ def implied_updates(
     batch_size: int = 8,
     progress: bool | None = None,
 ) -> ImpliedUpdates:
-    """Every implied update of REFERENCE.md §1a-1c, per layer and query head, at ``p``.
+    """Every implied update of docs/science.md (Implied weight updates), per layer and query
+    head, at ``p``.
 
     One traced forward per prompt kind (ICL, ZS); only the prediction position's query-side
     quantities and the keys/values are kept. ``per_demo=True`` keeps the per-demonstration
@@ -501,9 +503,9 @@ def _rank1_residual(m: torch.Tensor, iters: int = 50) -> torch.Tensor:
 def verify_identities(model: Any, pairs: Sequence[PromptPair], *,
                       layers: Iterable[int] | None = None,
                       updates: ImpliedUpdates | None = None) -> pd.DataFrame:
-    """Check the identities of REFERENCE.md §1 on ``model`` and ``pairs`` at ``p``; return the
-    worst relative error per identity and layer (columns ``identity``, ``kind``, ``layer``,
-    ``max_rel_err``).
+    """Check the identities of docs/science.md, Implied weight updates, on ``model`` and
+    ``pairs`` at ``p``; return the worst relative error per identity and layer (columns
+    ``identity``, ``kind``, ``layer``, ``max_rel_err``).
 
     **Model identities** (``kind == "model identity"``): each quantity is recomputed from the
     one before and compared with a separately captured hook, so a wrong q, k, scale, mask or

@@ -1,4 +1,5 @@
-"""ICL prompts and their zero-shot twins, built token piece by token piece (REFERENCE.md §0).
+"""ICL prompts and their zero-shot twins, built token piece by token piece (docs/science.md,
+Notation).
 
 Each demonstration is three pieces, tokenized separately and concatenated:
 
@@ -70,7 +71,7 @@ class DemoSpan:
 class Spans:
     """Token spans of one prompt. ``query`` is the query's rendered input; ``pred`` the
     prediction position (the last token). Demonstration tokens ``D`` are the union of
-    ``demos[i].whole``; query tokens ``Q`` are BOS plus ``query`` (REFERENCE.md §0)."""
+    ``demos[i].whole``; query tokens ``Q`` are BOS plus ``query`` (docs/science.md, Notation)."""
 
     bos: Span | None
     demos: tuple[DemoSpan, ...]

@@ -144,7 +144,8 @@ def test_eigenvalue_table_is_the_max_over_tasks_of_lambda_max():
 
 
 def test_dual_form_identity_on_random_tensors():
-    """W_0 x + LinearAttn(E, X', x) = (W_0 + Σ_i e_i ⊗ x'_i) x  (REFERENCE.md §1a)."""
+    """W_0 x + LinearAttn(E, X', x) = (W_0 + Σ_i e_i ⊗ x'_i) x
+    (docs/science.md, Linear-attention dual form)."""
     g = torch.Generator().manual_seed(0)
     d_out, d_in = 4, 9
     W0 = torch.randn(d_out, d_in, dtype=torch.float64, generator=g)

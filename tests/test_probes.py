@@ -10,7 +10,7 @@ import icl_probe as ip
 from icl_probe.probes import _linear_attention, mlp_first_layers
 
 F64_TOL = 1e-10  # float64 on tiny models
-F32_TOL = 1e-5  # float32 on the embedded model (REFERENCE.md §1c)
+F32_TOL = 1e-5  # float32 on the embedded model (docs/science.md, Rank-1 MLP update)
 
 
 def _pairs(model, n=3, k=2, task="capital"):
@@ -18,7 +18,8 @@ def _pairs(model, n=3, k=2, task="capital"):
 
 
 def test_dual_form_identity_on_random_tensors():
-    """W_0 x + LinearAttn(E, X', x) = (W_0 + Σ_i e_i ⊗ x'_i) x  (REFERENCE.md §1a)."""
+    """W_0 x + LinearAttn(E, X', x) = (W_0 + Σ_i e_i ⊗ x'_i) x
+    (docs/science.md, Linear-attention dual form)."""
     g = torch.Generator().manual_seed(0)
     L, B, N, G, R, d_k, d_v = 2, 3, 7, 2, 3, 5, 4  # distinct sizes; R query heads per group
     X = torch.randn(L, B, N, G, d_k, generator=g, dtype=torch.float64)  # keys x'_i

@@ -1,4 +1,5 @@
-"""In-context regression, linear self-attention and gradient descent (REFERENCE.md §1a, §1d, §4).
+"""In-context regression, linear self-attention and gradient descent (docs/science.md:
+Linear self-attention and GD on regression; Trained probes; Linear-attention dual form).
 
 Von Oswald et al. 2023 ("Transformers learn in-context by gradient descent") show that one
 linear self-attention (LSA) layer with hand-built weights makes exactly one GD step on a
@@ -33,9 +34,10 @@ Axis names (as in the package glossary, plus): ``batch`` tasks, ``ctx`` the N co
 Measured (CPU, one thread, seed 0 unless said; the numbers behind each docstring):
 
 - best one-step η at d_x = N = 10 over 10⁴ tasks: 5.978, loss 0.2079 (seeds 0-19: η* =
-  6.061 ± 0.059, loss 0.2072 ± 0.0032; REFERENCE: 6.05, 0.206).
+  6.061 ± 0.059, loss 0.2072 ± 0.0032; paper: 6.05, 0.206).
 - max over 10⁴ tasks of λ_max(XᵀX): 4.94 / 7.80 / 10.86 / 16.62 for N = 10/25/50/100
-  (seeds 0-9: 4.46 / 7.26 / 10.66 / 16.93 ± 0.2-0.6; REFERENCE: 4.6 / 7.7 / 10.8 / 17.2).
+  (seeds 0-9: 4.46 / 7.26 / 10.66 / 16.93 ± 0.2-0.6; paper: 4.6 / 7.7 / 10.8 / 17.2).
+  Paper values: docs/science.md, Reference numbers.
 - constructed LSA vs explicit GD, float64: ≤ 4e-16 for 1, 2 and 4 layers (and GD++).
 - one LSA layer trained with the anchor's settings (5000 steps of 2048 tasks, Adam 1e-3,
   ~40 s): eval loss 0.2059 vs one-step GD 0.2054 (η* = 6.043); preds diff 0.0195, model

@@ -1,5 +1,6 @@
-"""The hand-constructed GD weights against real attention heads (REFERENCE.md §4; Shen et
-al.'s critique of von Oswald et al.'s construction).
+"""The hand-constructed GD weights against real attention heads (docs/science.md, Linear
+self-attention and GD on regression; Shen et al.'s critique of von Oswald et al.'s
+construction).
 
 Three measurements on a hooked model (a TransformerLens ``TransformerBridge``; stacked
 weights ``W_Q`` (layer head d_model d_head), ``W_K``/``W_V`` (layer kv_head d_model d_head),
@@ -38,7 +39,7 @@ construction's form. Baseline: the same score for random Gaussian factors of the
 and Frobenius norms. Rotary position is ignored (the weights-only form, relative offset 0).
 
 **(c) Dual-form fidelity.** ``ip.implied_updates(model, pairs).fidelity_err`` (layer batch
-head, REFERENCE.md §1b), aggregated per head.
+head; docs/science.md, Exact softmax split), aggregated per head.
 
 Measured on the embedded SmolLM2-135M (d_model 576, 30 layers x 9 heads over 3 key/value
 heads; 8 s on one CPU thread): the construction needs 99.913 % zeros in W_Q/W_K and 74.913 %
@@ -232,10 +233,11 @@ def head_block_similarity(model: Any, *, seed: int = 0) -> pd.DataFrame:
 
 def head_fidelity(model: Any, pairs: Sequence[Any] | None = None, *,
                   updates: Any = None) -> pd.DataFrame:
-    """Dual-form fidelity per head (REFERENCE.md §1b): ``min_c ‖h − c h_lin‖ / ‖h‖`` between
-    the head's true output and its linear-attention relaxation, from
-    ``ip.implied_updates(model, pairs).fidelity_err`` (layer batch head), aggregated over
-    prompts. Pass ``updates`` to reuse a computed :class:`~icl_probe.ImpliedUpdates`.
+    """Dual-form fidelity per head (docs/science.md, Exact softmax split):
+    ``min_c ‖h − c h_lin‖ / ‖h‖`` between the head's true output and its linear-attention
+    relaxation, from ``ip.implied_updates(model, pairs).fidelity_err`` (layer batch head),
+    aggregated over prompts. Pass ``updates`` to reuse a computed
+    :class:`~icl_probe.ImpliedUpdates`.
     Columns: ``layer, head, fidelity_err_mean, fidelity_err_median, fidelity_err_std,
     n_prompts``.
 

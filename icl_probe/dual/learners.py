@@ -7,9 +7,9 @@ All learners see one task per batch row: ``x`` (batch ctx d_x), ``y`` (batch ctx
 
 - :func:`gd_weights` / :func:`gd`: ``T`` explicit steps ``W_{t+1} = W_t − η ∇L(W_t)`` from
   ``W_0`` (default 0).
-- :func:`gd_plus_plus`: GD++ (von Oswald et al. §4, REFERENCE.md §4): each step is one GD
-  step from ``W_0`` on the current data, after which every input (context and query) is
-  preconditioned, ``x ← (I − γ Σ_i x_i x_iᵀ) x``.
+- :func:`gd_plus_plus`: GD++ (von Oswald et al. §4; docs/science.md, Linear self-attention
+  and GD on regression): each step is one GD step from ``W_0`` on the current data, after
+  which every input (context and query) is preconditioned, ``x ← (I − γ Σ_i x_i x_iᵀ) x``.
 - :func:`ridge`: ``argmin_W Σ_i ‖W x_i − y_i‖² + λ‖W‖²_F = Yᵀ X (XᵀX + λI)⁻¹``; ``λ = 0`` is
   least squares (minimum-norm when ``N < d_x``).
 - :func:`best_one_step_lr`: the anchor's learning-rate search (10⁴ tasks) and
@@ -37,9 +37,11 @@ from einops import einsum
 from ._common import DualError, check_regression, regression_loss
 from .tasks import TaskConfig, Tasks, sample_tasks
 
-#: REFERENCE.md §4: largest eigenvalue of XXᵀ for N = 10/25/50/100 (see eigenvalue_table)
+#: von Oswald et al. (docs/science.md, Reference numbers): largest eigenvalue of XXᵀ for
+#: N = 10/25/50/100 (see eigenvalue_table)
 ANCHOR_EIGENVALUES = {10: 4.6, 25: 7.7, 50: 10.8, 100: 17.2}
-#: REFERENCE.md §4: best one-step learning rate and its loss at d_x = N = 10 over 10⁴ tasks
+#: von Oswald et al. (docs/science.md, Reference numbers): best one-step learning rate and
+#: its loss at d_x = N = 10 over 10⁴ tasks
 ANCHOR_BEST_LR, ANCHOR_BEST_LOSS = 6.05, 0.206
 
 
@@ -260,7 +262,7 @@ def best_one_step_lr(d_x: int = 10, n: int = 10, n_tasks: int = 10_000, seed: in
     """The anchor's line search (von Oswald et al. 2023, code ``scan_lrs``): the η that
     minimises ``0.5·mean((ŷ−y)²)`` of ``steps`` GD steps from 0 over ``n_tasks`` fresh tasks.
 
-    Measured (float64, CPU, 10⁴ tasks; REFERENCE: η ≈ 6.05, loss ≈ 0.206): seed 0 gives
+    Measured (float64, CPU, 10⁴ tasks; paper: η ≈ 6.05, loss ≈ 0.206): seed 0 gives
     η* = 5.978, loss 0.2079; over seeds 0-19, η* = 6.061 ± 0.059 (5.94 … 6.15) and loss
     0.2072 ± 0.0032 (mean ± std), so the reference lies inside the seed spread. With 2000
     tasks η* = 6.065 ± 0.130. The golden-section result agrees with the closed form
@@ -281,9 +283,10 @@ def eigenvalue_table(ns: tuple[int, ...] = (10, 25, 50, 100), d_x: int = 10,
     """Largest eigenvalue of the context Gram matrix ``XᵀX = Σ_{i≤N} x_i x_iᵀ`` (d_x x d_x;
     the same non-zero spectrum as ``XXᵀ``), unscaled, ``x ~ U(−0.5, 0.5)^{d_x}``, per N.
 
-    Which statistic is REFERENCE.md's "about 4.6 / 7.7 / 10.8 / 17.2"? Not the mean of
-    ``λ_max(XᵀX)`` (2.5 / 4.6 / 7.5 / 12.9), nor ``λ_max(XᵀX / N)`` (0.25 … 0.13), nor U(−1, 1)
-    (×4), nor the tokens with y appended (10 / 24 / 46 / 92). The **maximum over 10⁴ tasks**
+    Which statistic is the paper's "about 4.6 / 7.7 / 10.8 / 17.2" (docs/science.md,
+    Reference numbers)? Not the mean of ``λ_max(XᵀX)`` (2.5 / 4.6 / 7.5 / 12.9), nor
+    ``λ_max(XᵀX / N)`` (0.25 … 0.13), nor U(−1, 1) (×4), nor the tokens with y appended
+    (10 / 24 / 46 / 92). The **maximum over 10⁴ tasks**
     of ``λ_max(XᵀX)`` matches: 4.94 / 7.80 / 10.86 / 16.62 at seed 0, and over seeds 0-9
     4.46 ± 0.21 / 7.26 ± 0.27 / 10.66 ± 0.23 / 16.93 ± 0.60 (mean ± std; an extreme of 10⁴
     draws moves from seed to seed) — every reference value within 1.6 std.

@@ -2,15 +2,16 @@
 
 Tokens ``e_j = (x_j, y_j)`` (d_tok = d_x + d_y) for the ``N`` context pairs and ``(x_q, 0)``
 for the query. One LSA layer updates every token (context and query) with keys and values
-over the ``N`` context tokens only (von Oswald et al. eq. 3-4, REFERENCE.md §4):
+over the ``N`` context tokens only (von Oswald et al. eq. 3-4; docs/science.md, Linear
+self-attention and GD on regression):
 
     e_j ← e_j + P W_V Σ_{i≤N} e_i e_iᵀ W_Kᵀ W_Q e_j  =  e_j + ΔW e_j,
     ΔW = P (Σ_i v_i ⊗ k_i) W_Q   with  v_i = W_V e_i,  k_i = W_K e_i
 
 ``ΔW`` is the layer's *implied weight update*: an outer-product sum ``Σ_i v_i ⊗ k_i``, the
-form of a GD update of a linear layer (Dai et al. 2023, REFERENCE.md §1a). Dual-form
-identity: ``W_0 x + LinearAttn(E, X', x) = (W_0 + Σ_i e_i ⊗ x'_i) x`` with
-``LinearAttn(E, X', x) = Σ_i e_i (x'_i · x)`` (:func:`linear_attention`).
+form of a GD update of a linear layer (Dai et al. 2023; docs/science.md, Linear-attention
+dual form). Dual-form identity: ``W_0 x + LinearAttn(E, X', x) = (W_0 + Σ_i e_i ⊗ x'_i) x``
+with ``LinearAttn(E, X', x) = Σ_i e_i (x'_i · x)`` (:func:`linear_attention`).
 
 **One GD step** (von Oswald et al. Prop. 1): ``W_K = W_Q = [[I_x, 0], [0, 0]]``,
 ``W_V = [[0, 0], [W_0, −I_y]]``, ``P = (η/N) I``. Then the query's y-slot becomes
@@ -20,8 +21,8 @@ become ``y_i − ΔW_GD x_i``, so ``T`` stacked layers run ``T`` GD steps. **GD+
 ``W_V = [[I_x, 0], [W_0, −I_y]]``, ``P = diag(−γ I_x, (η/N) I_y)``: the same y-update, plus
 ``x ← (I − γ Σ_i x_i x_iᵀ) x`` for every token.
 
-Weights are stored in REFERENCE.md's column orientation (``k = W_K e``), as
-``layer d_out d_in`` stacks; TransformerLens's ``q = x @ W_Q`` is the transpose.
+Weights are stored in the papers' column orientation (``k = W_K e``; docs/science.md,
+Notation), as ``layer d_out d_in`` stacks; TransformerLens's ``q = x @ W_Q`` is the transpose.
 
 >>> import torch
 >>> t = sample_tasks(4, TaskConfig(d_x=3, d_y=2, n=6), seed=0, dtype=torch.float64)

@@ -1,5 +1,5 @@
 """A small softmax transformer trained on in-context regression, and per-layer probes
-(Akyürek et al. 2022, §5; REFERENCE.md §1d).
+(Akyürek et al. 2022, §5; docs/science.md, Trained probes).
 
 The transformer reads von Oswald's tokens ``(x_j, y_j, 0)`` and the query ``(x_q, 0, 1)``
 (the last entry flags the query), embeds them linearly, runs ``n_layers`` pre-norm blocks

@@ -1,4 +1,4 @@
-"""Loaders for the anchors' datasets (REFERENCE.md section 5) from a local copy.
+"""Loaders for the anchors' datasets (docs/science.md, Datasets) from a local copy.
 
 These datasets live on a hub that icl-probe never contacts at run or test time. Point the
 loader at a local copy instead: a JSONL/CSV/TSV file, a directory written by
