@@ -113,13 +113,46 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
+        if dtype not in set(_DTYPES.values()):
+            raise ModelLoadError(
+                f"load_model(dtype={dtype}): a model runs in float32, float64, bfloat16 or "
+                "float16; 8-bit float and integer types are storage formats, not compute dtypes")
         return dtype
-    if dtype in _DTYPES:
+    if isinstance(dtype, str) and dtype in _DTYPES:
         return _DTYPES[dtype]
     raise ModelLoadError(
         f"load_model(): unknown dtype {dtype!r}; expected one of {sorted(set(_DTYPES))} "
         "or a torch.dtype"
     )
+
+
+def available_devices() -> list[str]:
+    """The device kinds this machine can run on."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        out.append("mps")
+    return out
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` checked before any weight is loaded: an unavailable one is named with the
+    devices this machine has."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ModelLoadError(f"load_model(device={device!r}): not a device ({e}); available "
+                             f"here: {', '.join(available_devices())}") from None
+    ok = dev.type == "cpu" or (dev.type == "cuda" and torch.cuda.is_available() and (
+        dev.index is None or dev.index < torch.cuda.device_count())) or (
+        dev.type == "mps" and "mps" in available_devices())
+    if not ok:
+        raise ModelLoadError(f"load_model(device={device!r}): this machine has no such device; "
+                             f"available here: {', '.join(available_devices())}")
+    return dev
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -148,8 +181,14 @@ def verify_cache(path: Path) -> None:
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        ok = isinstance(files, dict) and files and all(
+            isinstance(m, dict) and isinstance(m.get("size"), int)
+            and isinstance(m.get("sha256"), str) for m in files.values())
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
         raise CacheError(f"model cache {path}: unreadable manifest ({e})") from e
+    if not ok:
+        raise CacheError(f"model cache {path}: malformed manifest (every file needs a size and "
+                         "a sha256, and there must be files)")
     if manifest.get("format") != CACHE_FORMAT:
         raise CacheError(
             f"model cache {path}: format {manifest.get('format')!r}, expected {CACHE_FORMAT}"
@@ -309,7 +348,7 @@ def load_model(
     :class:`ModelInfo` saying where it came from.
     """
     torch_dtype = _resolve_dtype(dtype)
-    dev = torch.device(device) if device is not None else default_device()
+    dev = _resolve_device(device)
     common = dict(device=dev, dtype=torch_dtype, n_devices=n_devices, device_map=device_map)
 
     if name is not None and not isinstance(name, (str, os.PathLike)):
@@ -334,6 +373,12 @@ def load_model(
             gguf, source, label = Path(name).expanduser(), "gguf", Path(name).stem
             if not gguf.is_file():
                 raise ModelLoadError(f"load_model(): GGUF file {gguf} does not exist")
+            with open(gguf, "rb") as f:
+                magic = f.read(4)
+            if magic != b"GGUF":
+                raise ModelLoadError(
+                    f"load_model(): {gguf} is not a GGUF file (it starts with {magic!r}, not "
+                    "b'GGUF'); pass a real .gguf, or a Hugging Face directory")
         directory = cached_gguf_dir(gguf)
         hf_model, tok = _from_hf_directory(
             str(directory), dtype=torch_dtype, device_map=device_map,

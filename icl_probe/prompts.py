@@ -21,6 +21,7 @@ True
 
 from __future__ import annotations
 
+import numbers
 import random
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -235,10 +236,13 @@ def build_prompt(
     """
     task = load_task(task)
     tokenizer = model.tokenizer
+    if not isinstance(query, numbers.Integral) or isinstance(query, bool):
+        raise PromptError(f"build_prompt(query={query!r}): query must be an item index (int)")
     if not 0 <= query < len(task):
         raise PromptError(f"build_prompt(query={query}): task {task.name!r} has items 0..{len(task) - 1}")
-    if k < 0:
-        raise PromptError(f"build_prompt(k={k}): k must be >= 0")
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 0:
+        raise PromptError(f"build_prompt(k={k!r}): k must be an integer >= 0 (the number of "
+                          "demonstrations)")
     rng = random.Random(seed)
     if demos is None:
         demo_idx = _sample_demos(task, query, k, rng, balanced, pool)

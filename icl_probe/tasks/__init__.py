@@ -129,8 +129,20 @@ class Task:
 
 
 def check_template(template: str, where: str) -> None:
-    """A template holds exactly one ``{x}`` and one ``{y}``, in that order."""
-    if template.count("{x}") != 1 or template.count("{y}") != 1:
+    """A template holds exactly one ``{x}`` and one ``{y}``, in that order, and no other
+    placeholder; a literal brace is written doubled (``{{`` / ``}}``)."""
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise TaskFileError(f"{where}: template {template!r}: {e}; write a literal brace as "
+                            "'{{' or '}}'") from None
+    other = [f for f in fields if f not in ("x", "y")]
+    if other:
+        raise TaskFileError(f"{where}: template {template!r} has the placeholder {{{other[0]}}}; "
+                            "only {x} and {y} are filled in (write a literal brace as '{{')")
+    if fields.count("x") != 1 or fields.count("y") != 1:
         raise TaskFileError(
             f"{where}: template {template!r} must contain '{{x}}' and '{{y}}' exactly once, "
             "e.g. 'Input: {x}\\nOutput: {y}\\n\\n'"
@@ -152,49 +164,54 @@ def read_task_file(path: str | Path) -> Task:
     header: dict | None = None
     items: list[Item] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskFileError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
-            if not isinstance(obj, dict):
-                raise TaskFileError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            if header is None:
-                missing = {"task", "labels"} - obj.keys()
-                unknown = obj.keys() - _HEADER_KEYS
-                if missing or unknown:
-                    raise TaskFileError(
-                        f"{where}: the first line must be the header with keys "
-                        f"{sorted(_HEADER_KEYS)} ('task' and 'labels' required); "
-                        f"missing {sorted(missing)}, unknown {sorted(unknown)}"
-                    )
-                labels = obj["labels"]
-                if labels is not None and (
-                    not isinstance(labels, list) or not all(isinstance(s, str) for s in labels)
-                ):
-                    raise TaskFileError(f"{where}: 'labels' must be a list of strings or null")
-                header = obj
-                continue
-            if set(obj) != {"x", "y"} or not all(isinstance(obj[k], str) for k in ("x", "y")):
+    raw_lines = path.read_bytes().splitlines()
+    for lineno, raw in enumerate(raw_lines, start=1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TaskFileError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column "
+                                f"{e.start + 1}); save the file as UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TaskFileError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+        if not isinstance(obj, dict):
+            raise TaskFileError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        if header is None:
+            missing = {"task", "labels"} - obj.keys()
+            unknown = obj.keys() - _HEADER_KEYS
+            if missing or unknown:
                 raise TaskFileError(
-                    f"{where}: an item must be {{\"x\": str, \"y\": str}}, got keys {sorted(obj)}"
+                    f"{where}: the first line must be the header with keys "
+                    f"{sorted(_HEADER_KEYS)} ('task' and 'labels' required); "
+                    f"missing {sorted(missing)}, unknown {sorted(unknown)}"
                 )
-            if not obj["x"].strip() or not obj["y"].strip():
-                raise TaskFileError(f"{where}: empty 'x' or 'y'")
-            if obj["x"] in seen:
-                raise TaskFileError(
-                    f"{where}: duplicate input {obj['x']!r} (first on line {seen[obj['x']]})"
-                )
-            if header["labels"] is not None and obj["y"] not in header["labels"]:
-                raise TaskFileError(
-                    f"{where}: answer {obj['y']!r} is not one of the labels {header['labels']}"
-                )
-            seen[obj["x"]] = lineno
-            items.append(Item(obj["x"], obj["y"]))
+            labels = obj["labels"]
+            if labels is not None and (
+                not isinstance(labels, list) or not all(isinstance(s, str) for s in labels)
+            ):
+                raise TaskFileError(f"{where}: 'labels' must be a list of strings or null")
+            header = obj
+            continue
+        if set(obj) != {"x", "y"} or not all(isinstance(obj[k], str) for k in ("x", "y")):
+            raise TaskFileError(
+                f"{where}: an item must be {{\"x\": str, \"y\": str}}, got keys {sorted(obj)}"
+            )
+        if not obj["x"].strip() or not obj["y"].strip():
+            raise TaskFileError(f"{where}: empty 'x' or 'y'")
+        if obj["x"] in seen:
+            raise TaskFileError(
+                f"{where}: duplicate input {obj['x']!r} (first on line {seen[obj['x']]})"
+            )
+        if header["labels"] is not None and obj["y"] not in header["labels"]:
+            raise TaskFileError(
+                f"{where}: answer {obj['y']!r} is not one of the labels {header['labels']}"
+            )
+        seen[obj["x"]] = lineno
+        items.append(Item(obj["x"], obj["y"]))
     if header is None:
         raise TaskFileError(f"{path}: empty file; expected a header line and items")
     return Task(
