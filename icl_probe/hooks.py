@@ -566,6 +566,27 @@ def query_capture_hooks(model: Any, store: list[torch.Tensor]) -> list[tuple[str
     return hooks
 
 
+def _logits_to_keep(model: Any, last: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Only the prediction positions need logits: where the model's forward takes
+    ``logits_to_keep`` (transformers' causal LMs), unembed just those positions (the
+    unembedding of every position is most of a short prompt's forward on a 49k vocabulary).
+    Returns, per row, the index into the returned logits' position axis, and the kwargs."""
+    hf = getattr(model, "original_model", None)
+    accepts = model.__dict__.get("_icl_probe_keeps_logits")
+    if accepts is None:
+        import inspect
+
+        try:
+            accepts = "logits_to_keep" in inspect.signature(hf.forward).parameters
+        except (TypeError, ValueError, AttributeError):
+            accepts = False
+        model.__dict__["_icl_probe_keeps_logits"] = accepts
+    if not accepts:
+        return last, {}
+    uniq, inverse = torch.unique(last, return_inverse=True)
+    return inverse, {"logits_to_keep": uniq}
+
+
 def trace(
     model: Any,
     prompts: Sequence[PromptPair] | Sequence[torch.Tensor],
@@ -680,10 +701,11 @@ def trace(
             # token off the padding. A padding mask would leave the padding's own rows fully
             # masked under a sliding window (Mistral, Gemma), and their NaNs reach real rows of
             # the next layer through 0 * NaN.
-            logits = model(ids.to(device))
+            last = lengths[chunk] - 1
+            keep, kwargs = _logits_to_keep(model, last)
+            logits = model(ids.to(device), **kwargs)
             cap.finish()
-            last = (lengths[chunk] - 1).to(logits.device)
-            part = logits[torch.arange(len(chunk), device=logits.device), last]
+            part = logits[torch.arange(len(chunk), device=logits.device), keep.to(logits.device)]
             part = part.float() if part.dtype in _HALF else part
             logits_parts.append(part.to(store) if store is not None else part)
 

@@ -37,7 +37,7 @@ import torch
 from .errors import TraceError
 from .architectures import attention_spec
 from .hooks import (_HOOKS, QUANTITIES, AttentionRecord, _hook_names, _live_hooks,
-                    _pad_stack, attention_weights, group_mapping, trace)
+                    _logits_to_keep, _pad_stack, attention_weights, group_mapping, trace)
 from .prompts import PromptPair
 
 
@@ -90,7 +90,8 @@ def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
     hooks = [(names[q].format(l=l), lambda x, hook=None, q=q: prefix_kv[q].append(x.detach()))
              for q in key_q for l in layer_list]
     with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
-        out = model(ids[0][:P][None].to(device), return_type="logits_and_cache")
+        _, keep1 = _logits_to_keep(model, torch.tensor([P - 1]))  # logits: one position
+        out = model(ids[0][:P][None].to(device), return_type="logits_and_cache", **keep1)
     cache = out[1] if isinstance(out, tuple) else None
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         return trace(model, pairs, kind="icl", what=what, layers=layers, batch_size=batch_size)
@@ -132,9 +133,11 @@ def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
             cur["rows"] = lengths[chunk] - 1 - P
             c = copy.deepcopy(cache)
             c.batch_repeat_interleave(len(chunk))
-            logits = model(suffix.to(device), past_key_values=c, attention_mask=mask.to(device))
-            rows = cur["rows"].to(logits.device)
-            logits_parts.append(logits[torch.arange(len(chunk), device=logits.device), rows])
+            keep, kw = _logits_to_keep(model, cur["rows"])
+            logits = model(suffix.to(device), past_key_values=c, attention_mask=mask.to(device),
+                           **kw)
+            logits_parts.append(logits[torch.arange(len(chunk), device=logits.device),
+                                       keep.to(logits.device)])
 
     # 3. reassemble in the caller's order (as trace() lays it out)
     inverse = torch.empty(len(order), dtype=torch.long)

@@ -78,6 +78,7 @@ COLLAPSE_STD = 1e-4
 # per-layer intervals (for the figures) of these metrics of the model's own run
 LAYER_CI_METRICS = ("SimAOU_norm", "SimAOU", "SimAM_delta", "Kendall", "weight_cos")
 _ICL_WHAT = ("scores", "attn_out")
+ZS_BATCH = 32  # zero-shot prompts are short: larger batches cost little memory
 _ZS_WHAT = ("q", "k", "v", "scores", "attn_out")
 
 
@@ -253,7 +254,7 @@ def _kv_operator(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def _reference_runs(model: Any, pairs: list[PromptPair], protocol: str, position: str) -> _Refs:
     run_pairs = [_at_label(p) for p in pairs] if position == "label" else pairs
-    zs = trace(model, run_pairs, kind="zs", what=_ZS_WHAT)
+    zs = trace(model, run_pairs, kind="zs", what=_ZS_WHAT, batch_size=ZS_BATCH)
     if protocol == "shared":
         icl = trace_shared_prefix(model, run_pairs, what=_ICL_WHAT)
         demo_pos = pairs[0].spans.demo_indices()
@@ -279,7 +280,8 @@ def _reference_runs(model: Any, pairs: list[PromptPair], protocol: str, position
 def _logits(model: Any, pairs: list[PromptPair], kind: str) -> torch.Tensor:
     if kind == "icl" and len(pairs) > 1:
         return trace_shared_prefix(model, pairs, what=("attn_out",), layers=[0]).logits
-    return trace(model, pairs, kind=kind, what=("attn_out",), layers=[0]).logits
+    return trace(model, pairs, kind=kind, what=("attn_out",), layers=[0],
+                 batch_size=ZS_BATCH).logits
 
 
 def _scale(rec: Any, li: int) -> float:
@@ -297,7 +299,7 @@ def _evaluate(model: Any, refs: _Refs, fts: list[Any], cfg: FineTuneConfig, *, g
     ZS/ICL runs. ``fts``: one fine-tune (shared protocol) or one per query."""
     pairs = refs.pairs
     if len(fts) == 1:
-        ftr = trace(fts[0].model, pairs, kind="zs", what=_ZS_WHAT)
+        ftr = trace(fts[0].model, pairs, kind="zs", what=_ZS_WHAT, batch_size=ZS_BATCH)
         ft_of = [(fts[0], ftr, b) for b in range(len(pairs))]
     else:
         ft_of = []
