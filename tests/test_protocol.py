@@ -297,3 +297,35 @@ def test_rec2ftp_vectorised_matches_the_definition():
         a = C.rec2ftp(zs, icl, ft)
         b = float(stats.rec2ftp_vec(zs, icl, ft))
         assert (math.isnan(a) and math.isnan(b)) or abs(a - b) < 1e-12
+
+
+def test_a_collapsed_fine_tune_is_detected_excluded_and_never_selected(tiny, monkeypatch):
+    # a "fine-tune" whose deltas zero the unembedding: every logit 0, the output collapsed, as
+    # lr = 1e6 does to the embedded model; its loss stays finite, so only the output shows it
+    real = ip.gd.finetune
+
+    def collapsing(model, pair, **kw):
+        ft = real(model, pair, **kw)
+        if kw["lr"] > 0.05:
+            W = ip.gd.named_parameters(model)["lm_head.weight"]
+            ft = ip.gd.FineTune(deltas={"lm_head.weight": -W.detach().clone()}, losses=ft.losses,
+                                diverged=False, method=ft.method, params="all", lr=ft.lr,
+                                step_queries=ft.step_queries, step_demos=ft.step_demos)
+            ft.model = ip.gd.FineTunedModel(model, ft.deltas)
+        return ft
+
+    monkeypatch.setattr(ip.gd, "finetune", collapsing)
+    t = ip.compare(tiny, "capital", k=2, queries=4, dev_queries=3, gd=ip.FineTuneConfig(lr=1e-2),
+                   lrs=[1e-2, 0.1], baselines=(), progress=False)
+    bad = t.per_query[t.per_query.lr == 0.1]
+    assert bad.ft_collapsed.all() and bad.ft_diverged.all()
+    assert set(bad.divergence) == {"collapsed output"}
+    sw = t.sweep.set_index("lr")
+    assert sw.loc[0.1, "diverged"] and sw.loc[0.1, "flag"] == "diverged"
+    assert not sw.loc[0.1, "selected"] and sw.loc[0.01, "selected"]
+    s = t.summary
+    acc_ft = s[(s.metric == "acc_FT") & (s.lr == 0.1) & (s.baseline == "")]
+    assert int(acc_ft.n.iloc[0]) == 0  # excluded from every metric
+    share = s[(s.metric == "ft_diverged") & (s.lr == 0.1)].value.iloc[0]
+    assert share == 1.0  # and counted
+    assert t.per_layer[t.per_layer.lr == 0.1].ft_diverged.all()
