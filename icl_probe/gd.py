@@ -26,7 +26,9 @@ separator or scores the label tokens only):
 
 Parameter sets: ``"kv"``, ``"qkvo"``, ``"mlp"``, ``"all"``, or ``"v:L"`` (layer L's W_V only,
 Shen et al.'s sub-model GD). Deltas are keyed by the Hugging Face parameter name
-(``model.layers.3.self_attn.k_proj.weight``).
+(``model.layers.3.self_attn.k_proj.weight``); on fused-QKV models (GPT-2, GPT-NeoX) by the
+bridge's split q/k/v maps (``transformer.h.0.attn.k.weight``), which its forward runs through.
+``ft.projection_deltas()`` gives them per logical projection (q, k, v, o) on every family.
 
 >>> import icl_probe as ip
 >>> model = ip.tiny_model()
