@@ -553,7 +553,12 @@ def _icl_vs_gd_intro(s: dict, tabs: dict[str, pd.DataFrame]) -> str:
              "difference's interval lies above 0",
              f"{len(flagged)} of {len(sw)} sweep settings flagged (diverged, or FT fixes no "
              "zero-shot error: Rec2FTP undefined); diverged fine-tunes are excluded from every "
-             "metric"]
+             "metric",
+             "predictions scored by " + "; ".join(
+                 f"{task}: {', '.join(sorted(set(d.scoring.dropna())))}" for task, d in
+                 tabs["per_query"].groupby("task")) + " (first_token: argmax over the "
+             "candidates' first tokens, the anchors' label accuracy; full_answer: each "
+             "answer's whole log-probability, where answers share a first token)"]
     return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
 
 

@@ -51,12 +51,15 @@ class PairView:
 
 
 def _predictions(model: Any, pair: PromptPair, logits: torch.Tensor, run: str) -> dict:
+    from .scoring import predictions
+
     tok = model.tokenizer
-    label_logits = logits[pair.label_ids.to(logits.device)]
-    label_pick = int(label_logits.argmax())
+    # by the pair's scoring: the first token, or each answer's whole log-probability
+    label_pick = int(predictions(model, [pair], run, logits[None])[0])
     vocab_pick = int(logits.argmax())
     return {
         "run": run,
+        "scoring": pair.scoring,
         "label": pair.labels[label_pick],
         "label_correct": label_pick == pair.target,
         "top_token": tok.decode([vocab_pick]),

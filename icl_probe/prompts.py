@@ -96,8 +96,12 @@ class PromptPair:
     """An ICL prompt and its zero-shot (ZS) twin.
 
     ``zs_ids`` equals ``icl_ids[-len(zs_ids):]`` except for a leading BOS, which both carry.
-    ``label_ids`` are the candidate answers' first-token ids and ``target`` the gold one's
-    index; ``spans`` index ``icl_ids`` and ``zs_spans`` index ``zs_ids``.
+    ``labels`` are the candidate answers, ``label_ids`` their first-token ids, ``candidates``
+    their full token ids and ``target`` the gold one's index; ``scoring`` says how a
+    prediction is read: ``"first_token"`` (argmax over ``label_ids``; classification, and
+    open-ended tasks whose answers' first tokens all differ) or ``"full_answer"`` (argmax of
+    each answer's whole log-probability: :func:`icl_probe.scoring.answer_logprobs`).
+    ``spans`` index ``icl_ids`` and ``zs_spans`` index ``zs_ids``.
     """
 
     icl_ids: torch.Tensor
@@ -113,6 +117,8 @@ class PromptPair:
     query: int
     demos: tuple[int, ...]
     demo_labels: tuple[str, ...]
+    candidates: tuple[tuple[int, ...], ...] = ()
+    scoring: str = "first_token"
     meta: dict = field(default_factory=dict)
 
     @property
@@ -160,9 +166,24 @@ def label_first_tokens(tokenizer: Any, answers: Sequence[str], template: str) ->
     return out
 
 
-def _candidates(tokenizer: Any, task: Task, gold: str) -> tuple[torch.Tensor, int, tuple[str, ...]]:
+SCORINGS = ("first_token", "full_answer")
+
+
+def _candidates(tokenizer: Any, task: Task, gold: str
+                ) -> tuple[torch.Tensor, int, tuple[str, ...], tuple[tuple[int, ...], ...], str]:
+    """Candidate answers: their first-token ids, the gold one's index, their names, every
+    candidate's full token ids (label prefix included) and the scoring they need.
+
+    Classification: the verbalizers, whose first tokens must differ; scored by the first
+    token (the anchors' label accuracy). Open-ended: every distinct answer is a candidate of
+    its own; where two share a first token ("Paris" / "Parisian") the first token cannot tell
+    them apart, so the task is scored by each answer's whole log-probability
+    (``"full_answer"``); where all first tokens differ, by the first token."""
     answers = task.answers
     first = label_first_tokens(tokenizer, answers, task.template)
+    _, prefix, _ = _split_template(task.template)
+    full = tuple(tuple(tokenizer(prefix + a, add_special_tokens=False).input_ids)
+                 for a in answers)
     if task.is_classification:
         owners: dict[int, str] = {}
         for a, t in zip(answers, first):
@@ -173,15 +194,9 @@ def _candidates(tokenizer: Any, task: Task, gold: str) -> tuple[torch.Tensor, in
                     "Fix: choose verbalizers whose first tokens differ"
                 )
             owners[t] = a
-        return torch.tensor(first), answers.index(gold), answers
-    # Open-ended task: every distinct answer's first token is a candidate (answers that share a
-    # first token collapse to one candidate, named by its first answer).
-    uniq: dict[int, str] = {}
-    for a, t in zip(answers, first):
-        uniq.setdefault(t, a)
-    ids = list(uniq)
-    gold_id = first[answers.index(gold)]
-    return torch.tensor(ids), ids.index(gold_id), tuple(uniq.values())
+        return torch.tensor(first), answers.index(gold), answers, full, "first_token"
+    scoring = "first_token" if len(set(first)) == len(first) else "full_answer"
+    return torch.tensor(first), answers.index(gold), answers, full, scoring
 
 
 def _sample_demos(task: Task, query: int, k: int, rng: random.Random, balanced: bool,
@@ -305,7 +320,8 @@ def build_prompt(
             f"the model's context holds {n_ctx}. Fix: use fewer demonstrations (smaller k)"
         )
 
-    label_ids, target, labels = _candidates(tokenizer, task, task.items[query].y)
+    label_ids, target, labels, candidates, scoring = _candidates(tokenizer, task,
+                                                                 task.items[query].y)
     zs_ids = ([tokenizer.bos_token_id] if prepend_bos else []) + q_ids
     off = 1 if prepend_bos else 0
     zs_spans = Spans(bos, (), Span(off, off + len(q_ids)), len(zs_ids) - 1)
@@ -314,6 +330,7 @@ def build_prompt(
         target=target, spans=Spans(bos, tuple(demo_spans), query_span, len(ids) - 1),
         zs_spans=zs_spans, text=text, zs_text=q_text, labels=labels, task=task.name,
         query=query, demos=tuple(demo_idx), demo_labels=tuple(demo_labels),
+        candidates=candidates, scoring=scoring,
         meta={"seed": seed, "shuffle_labels": shuffle_labels, "balanced": balanced,
               "order": None if order is None else tuple(order)},
     )

@@ -53,6 +53,7 @@ from . import stats
 from .errors import IclProbeError
 from .hooks import trace
 from .prefix import trace_shared_prefix
+from .scoring import predictions
 from .prompts import PromptPair, Spans, build_prompt
 from .tasks import Task, load_task
 
@@ -245,6 +246,7 @@ class _Refs:
     icl: Any
     dM_icl: list[torch.Tensor]       # per prompt: layer kv_head d_head d_head
     pred_logits: dict[str, torch.Tensor] = field(default_factory=dict)
+    predicted: dict[str, torch.Tensor] = field(default_factory=dict)  # candidate index per run
 
 
 def _kv_operator(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -274,6 +276,8 @@ def _reference_runs(model: Any, pairs: list[PromptPair], protocol: str, position
         refs.pred_logits["icl"] = _logits(model, pairs, "icl")
     else:
         refs.pred_logits["zs"], refs.pred_logits["icl"] = zs.logits, icl.logits
+    for kind in ("zs", "icl"):  # by each prompt's scoring (first token, or the whole answer)
+        refs.predicted[kind] = predictions(model, pairs, kind, refs.pred_logits[kind])
     return refs
 
 
@@ -309,24 +313,34 @@ def _evaluate(model: Any, refs: _Refs, fts: list[Any], cfg: FineTuneConfig, *, g
     icl_s, zs_s = icl.at_pred("scores"), zs.at_pred("scores")
     icl_h, zs_h = icl.at_pred("attn_out"), zs.at_pred("attn_out")
     rows_q, rows_l, rows_h = [], [], []
+    # the FT runs' logits at the prediction position, and the candidate each predicts
+    base_pairs = pairs if position == "pred" else [_strip_label(p) for p in pairs]
+    if position == "pred":
+        ft_logits_all = torch.stack([ftr.logits[i] for _, ftr, i in ft_of])
+    else:
+        ft_logits_all = torch.stack([_logits(ft.model, [p], "zs")[0]
+                                     for (ft, _, _), p in zip(ft_of, base_pairs)])
+    if len(fts) == 1:
+        ft_pred = predictions(fts[0].model, base_pairs, "zs", ft_logits_all)
+    else:
+        ft_pred = torch.cat([predictions(ft.model, [p], "zs", ft_logits_all[b: b + 1])
+                             for b, ((ft, _, _), p) in enumerate(zip(ft_of, base_pairs))])
     for b, pair in enumerate(pairs):
         ft, ftr, i = ft_of[b]
-        ft_logits = ftr.logits[i] if position == "pred" else None
-        if ft_logits is None:
-            base = pair if position == "pred" else _strip_label(pair)
-            ft_logits = _logits(ft.model, [base], "zs")[0]
-        lab = pair.label_ids.to(ft_logits.device)
+        ft_logits = ft_logits_all[b]
         correct, probs = {}, {}
-        for name, logits in (("zs", refs.pred_logits["zs"][b]), ("icl", refs.pred_logits["icl"][b]),
-                             ("ft", ft_logits)):
+        for name, logits, pick in (("zs", refs.pred_logits["zs"][b], refs.predicted["zs"][b]),
+                                   ("icl", refs.pred_logits["icl"][b], refs.predicted["icl"][b]),
+                                   ("ft", ft_logits, ft_pred[b])):
             logits = logits.double()
             probs[name] = torch.softmax(logits, -1)
-            correct[name] = int(logits[lab].argmax()) == pair.target
+            correct[name] = int(pick) == pair.target
             correct[name + "_vocab"] = int(logits.argmax()) == pair.target_id
         collapsed = float(ft_logits.double().std()) < COLLAPSE_STD
         gold_lp = float(torch.log_softmax(ft_logits.double(), -1)[pair.target_id])
         rows_q.append({**keys, "query": pair.query,
                        "demos": " ".join(map(str, pair.demos)),  # item indices, prompt order
+                       "scoring": pair.scoring,
                        "zs_correct": correct["zs"], "icl_correct": correct["icl"],
                        "ft_correct": correct["ft"], "zs_vocab_correct": correct["zs_vocab"],
                        "icl_vocab_correct": correct["icl_vocab"],
@@ -539,14 +553,17 @@ def _dev_rows(pairs: list[PromptPair], fts: list[Any], keys: dict) -> list[dict]
     if len(fts) == 1:
         logits = _logits(fts[0].model, pairs, "zs")
         per = [(fts[0], logits[b]) for b in range(len(pairs))]
+        picks = predictions(fts[0].model, pairs, "zs", logits)
     else:
         per = [(ft, _logits(ft.model, [p], "zs")[0]) for ft, p in zip(fts, pairs)]
+        picks = torch.cat([predictions(ft.model, [p], "zs", lg[None]) for (ft, lg), p in
+                           zip(per, pairs)])
     rows = []
-    for pair, (ft, lg) in zip(pairs, per):
+    for pair, (ft, lg), pick in zip(pairs, per, picks):
         lg = lg.double()
         collapsed = float(lg.std()) < COLLAPSE_STD
         rows.append({**keys, "query": pair.query, "demos": " ".join(map(str, pair.demos)),
-                     "ft_correct": int(lg[pair.label_ids.to(lg.device)].argmax()) == pair.target,
+                     "scoring": pair.scoring, "ft_correct": int(pick) == pair.target,
                      "ft_gold_logprob": float(torch.log_softmax(lg, -1)[pair.target_id]),
                      "ft_collapsed": collapsed, "ft_diverged": ft.diverged or collapsed,
                      "divergence": ft.divergence or ("collapsed output" if collapsed else "")})
