@@ -63,6 +63,29 @@ def _str(v: Any, where: str) -> str:
     return v
 
 
+def _model(v: Any, where: str) -> str:
+    """A model the run can load without a network: a path that exists (a .gguf file or a
+    Hugging Face directory), or a hub id present in the local Hugging Face cache."""
+    _str(v, where)
+    path = Path(v).expanduser()
+    looks_local = v.endswith(".gguf") or v.startswith((".", "/", "~")) or path.exists()
+    if looks_local:
+        if not path.exists():
+            raise ConfigError(f"{where} = {v!r}: no such file or directory")
+        return v
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(v, "config.json")
+    except Exception:  # not a valid repo id
+        found = None
+    if not isinstance(found, str):
+        raise ConfigError(f"{where} = {v!r}: not a local path and not in the local Hugging Face "
+                          "cache; download it first (huggingface-cli download ...) or give the "
+                          "path of a local copy")
+    return v
+
+
 def _choice(*options: str) -> Callable:
     def check(v: Any, where: str) -> str:
         if v not in options:
@@ -146,7 +169,7 @@ def schema() -> dict[str, dict[str, tuple[Callable, Any]]]:
     """Every table a config may hold: key -> (check, default)."""
     return {
         "experiment": {"name": (_str, None), "sections": (_sections, None),
-                       "model": (_str, None), "device": (_str, None), "dtype": (_str, None)},
+                       "model": (_model, None), "device": (_str, None), "dtype": (_str, None)},
         "icl_vs_gd": _icl_vs_gd_checks(),
         "implied_updates": {"tasks": (_list(_task), ["capital"]), "k": (_int(1), 8),
                             "prompts": (_int(1), 8), "verify_prompts": (_int(1), 2),

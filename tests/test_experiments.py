@@ -120,6 +120,10 @@ def _toml(tmp_path, text):
     ('[experiment]\nsections = ["icl_vs_gd"]\n[real_heads]\nk = 2', r"not in \[experiment\] sections"),
     ('[experiment]\nsections = ["heads"]', r"expected one of"),
     ('[icl_vs_gd]\nk = 2', r"needs an \[experiment\] table"),
+    ('[experiment]\nsections = ["real_heads"]\nmodel = "/nonexistent/m.gguf"',
+     r"model = '/nonexistent/m.gguf': no such file"),
+    ('[experiment]\nsections = ["real_heads"]\nmodel = "no-such-org/no-such-model"',
+     r"not in the local Hugging Face cache"),
 ])
 def test_config_errors_name_the_key_and_come_before_any_model_load(tmp_path, text, match):
     import time
