@@ -17,13 +17,11 @@ below are pure (tensors in, numbers out) and are tested against slow references;
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import einops
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from .errors import IclProbeError
 from .hooks import trace

@@ -34,7 +34,6 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,8 +42,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .config import EXPERIMENTS_DIR, Config, load_config  # noqa: F401 (re-exported)
-from .errors import ConfigError, ExperimentError, IclProbeError  # noqa: F401
+from .config import EXPERIMENTS_DIR, Config, load_config
+from .errors import ConfigError, ExperimentError
+
+__all__ = ["ANCHORS", "EXPERIMENTS_DIR", "SECTIONS", "Config", "ConfigError", "ExperimentError",
+           "finished_units", "icl_vs_gd_summary", "load_config", "output_dir", "provenance",
+           "read_results", "run_experiment", "unit_finished", "write_report"]
 
 
 # The anchors' published numbers (docs/protocol.md, "Reference numbers"): one data file, read
@@ -602,7 +605,6 @@ class _HtmlTable:
 
 def _icl_vs_gd_figures(tabs: dict[str, pd.DataFrame]) -> list:
     import plotly.express as px
-    import plotly.graph_objects as go
 
     figs = []
     sw = tabs.get("sweep")
