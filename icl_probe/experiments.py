@@ -60,14 +60,11 @@ ANCHORS = pd.read_csv(ANCHORS_FILE, keep_default_na=False)
 # Each section: units(config) -> list of unit dicts; run(model, unit) -> {table: DataFrame}.
 
 
-ICL_VS_GD_DEFAULTS = dict(tasks=["sentiment"], k=32, queries=32, dev_queries=16, seeds=[0],
-                         lrs=[1e-3], methods=["dai"], params="kv", loss_tokens="demo",
-                         baselines=["shuffled_labels", "untrained", "embeddings_only"],
-                         protocol="shared", position="pred", balanced=False)
-
-
 def _icl_vs_gd_settings(s: dict) -> dict:
-    return {k: s.get(k, v) for k, v in ICL_VS_GD_DEFAULTS.items()}
+    """The section's values, with the config schema's defaults for any key it lacks."""
+    from .config import schema
+
+    return {k: s.get(k, default) for k, (_, default) in schema()["icl_vs_gd"].items()}
 
 
 def _icl_vs_gd_units(s: dict) -> list[dict]:

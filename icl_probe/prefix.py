@@ -37,7 +37,7 @@ import torch
 from .errors import TraceError
 from .architectures import attention_spec
 from .hooks import (_HOOKS, QUANTITIES, AttentionRecord, _hook_names, _live_hooks,
-                    _logits_to_keep, _pad_stack, attention_weights, group_mapping, trace)
+                    _logits_to_keep, _pad_stack, _pad_to, attention_weights, group_mapping, trace)
 from .prompts import PromptPair
 
 
@@ -152,9 +152,9 @@ def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
             if layout == "key":
                 pre = prefix_kv[q][slot]
                 parts = [torch.cat([pre.expand(x.shape[0], *pre.shape[1:]), x], 1) for x in parts]
-                parts = [_pad(x, 1, T) for x in parts]
+                parts = [_pad_to(x, 1, T) for x in parts]
             elif layout == "row":
-                parts = [_pad(x, 3, T) for x in parts]
+                parts = [_pad_to(x, 3, T) for x in parts]
             per_layer.append(torch.cat(parts, 0)[inverse.to(parts[0].device)])
         data[q] = torch.stack(per_layer)
     if "scores" in data:  # keys after each prompt's end are padding: -inf, as trace() has it
@@ -177,14 +177,6 @@ def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
         softcap=tuple(spec.softcap[l] for l in layer_list),
         window=tuple(spec.window[l] for l in layer_list),
     )
-
-
-def _pad(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    if x.shape[dim] >= size:
-        return x
-    shape = list(x.shape)
-    shape[dim] = size - x.shape[dim]
-    return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
 
 __all__ = ["shared_prefix_length", "trace_shared_prefix"]

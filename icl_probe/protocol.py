@@ -43,6 +43,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
+import einops
 import numpy as np
 import pandas as pd
 import torch
@@ -251,7 +252,8 @@ class _Refs:
 
 def _kv_operator(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """M = Σ_j v_j ⊗ k_j over the given positions (layer key_pos kv_head d_head each)."""
-    return torch.einsum("ltgv,ltgk->lgvk", v.double(), k.double())
+    return einops.einsum(v.double(), k.double(), "layer key_pos kv_head d_v, "
+                         "layer key_pos kv_head d_k -> layer kv_head d_v d_k")
 
 
 def _reference_runs(model: Any, pairs: list[PromptPair], protocol: str, position: str) -> _Refs:
@@ -650,10 +652,9 @@ def summarise(per_query: pd.DataFrame, per_layer: pd.DataFrame, *, seed: int = 0
         rows.append({**base, "metric": "ft_diverged", "baseline": "", "layer": -1,
                      "value": float(d.ft_diverged.mean()), "ci_low": np.nan, "ci_high": np.nan,
                      "n": len(d)})
-        zs, icl, ft = (ok[c].to_numpy(bool) for c in ("zs_correct", "icl_correct", "ft_correct"))
-        lo, hi = stats.rec2ftp_ci(zs, icl, ft, seed=seed)
-        rows.append({**base, "metric": "Rec2FTP", "baseline": "", "layer": -1,
-                     "value": float(stats.rec2ftp_vec(zs, icl, ft)) if len(ok) else np.nan,
+        zs, icl, ft = (ok[c].to_numpy(bool) for c in _RUNS)
+        v, lo, hi = stats.rec2ftp_interval((zs, icl, ft), seed=seed)
+        rows.append({**base, "metric": "Rec2FTP", "baseline": "", "layer": -1, "value": v,
                      "ci_low": lo, "ci_high": hi, "n": len(ok),
                      "n_ft_fixes": int((ft & ~zs).sum())})
         for m in ("top10_overlap", "overlap_cosine", "kl_icl_ft"):
@@ -691,6 +692,9 @@ def summarise(per_query: pd.DataFrame, per_layer: pd.DataFrame, *, seed: int = 0
         return out
     out["kind"] = out.get("kind", pd.Series("", index=out.index)).fillna("")
     return pd.concat([out, _differences(pq, layer_means, seed)], ignore_index=True)
+
+
+_RUNS = ("zs_correct", "icl_correct", "ft_correct")
 
 
 def _ci(x: np.ndarray, seed: int) -> dict:
@@ -736,24 +740,12 @@ def _differences(pq: pd.DataFrame, lm: pd.DataFrame, seed: int) -> pd.DataFrame:
             j = ours.merge(theirs, on=keys, suffixes=("", "_b"))
             if j.empty:
                 continue
-            m, lo, hi = _rec2ftp_difference(j, seed)
+            m, lo, hi = stats.rec2ftp_interval(
+                tuple(j[c].to_numpy(bool) for c in _RUNS),
+                tuple(j[c + "_b"].to_numpy(bool) for c in _RUNS), seed=seed)
             rows.append({**base, "metric": "Rec2FTP", "baseline": b, "value": m, "ci_low": lo,
                          "ci_high": hi, "n": len(j), "verdict": stats.verdict(lo, hi)})
     return pd.DataFrame(rows)
-
-
-def _rec2ftp_difference(j: pd.DataFrame, seed: int) -> tuple[float, float, float]:
-    a = [j[c].to_numpy(bool) for c in ("zs_correct", "icl_correct", "ft_correct")]
-    b = [j[c + "_b"].to_numpy(bool) for c in ("zs_correct", "icl_correct", "ft_correct")]
-    point = float(stats.rec2ftp_vec(*a) - stats.rec2ftp_vec(*b))
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(j), size=(stats.N_RESAMPLES, len(j)))
-    diff = stats.rec2ftp_vec(*(x[idx] for x in a)) - stats.rec2ftp_vec(*(x[idx] for x in b))
-    diff = diff[np.isfinite(diff)]
-    if len(diff) < 10:
-        return point, np.nan, np.nan
-    q = (1 - stats.CONFIDENCE) / 2
-    return point, float(np.quantile(diff, q)), float(np.quantile(diff, 1 - q))
 
 
 # Table rows: the metric, and the baselines whose columns the compact table shows.

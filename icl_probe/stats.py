@@ -20,7 +20,7 @@ True
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from scipy import stats as _st
@@ -84,19 +84,34 @@ def rec2ftp_vec(zs: np.ndarray, icl: np.ndarray, ft: np.ndarray, axis: int = -1)
         return np.where(den > 0, num / np.maximum(den, 1) * 100.0, np.nan)
 
 
-def rec2ftp_ci(zs: np.ndarray, icl: np.ndarray, ft: np.ndarray, *, seed: int = 0
-               ) -> tuple[float, float]:
-    """Percentile bootstrap interval of Rec2FTP, resampling queries (all three runs of a
-    query together). Resamples in which fine-tuning fixes nothing are left out."""
-    zs, icl, ft = (np.asarray(a, dtype=bool) for a in (zs, icl, ft))
-    if len(zs) < 2 or not (ft & ~zs).any():
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(zs), size=(N_RESAMPLES, len(zs)))
-    vals = rec2ftp_vec(zs[idx], icl[idx], ft[idx], axis=-1)
+def rec2ftp_interval(ours: tuple, baseline: tuple | None = None, *, seed: int = 0
+                     ) -> tuple[float, float, float]:
+    """Rec2FTP of ``ours`` = (zs, icl, ft) correctness arrays over the same queries, or with
+    ``baseline`` the paired difference ours − baseline; ``(value, low, high)`` with a
+    percentile bootstrap interval that resamples queries (every run of a query together).
+
+    Rec2FTP is a ratio that is undefined when fine-tuning fixes nothing, so resamples where
+    it is undefined are left out; ``scipy.stats.bootstrap`` would let them turn the whole
+    interval into NaN, hence the resampling here. Fewer than 10 defined resamples: no
+    interval."""
+    runs = [np.asarray(a, dtype=bool) for a in ours]
+    other = [np.asarray(a, dtype=bool) for a in baseline] if baseline is not None else None
+
+    def stat(idx: Any) -> np.ndarray:
+        v = rec2ftp_vec(*(x[idx] for x in runs))
+        return v if other is None else v - rec2ftp_vec(*(x[idx] for x in other))
+
+    n = len(runs[0])
+    point = float(stat(np.arange(n)))
+    if n < 2:
+        return point, float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, n, size=(N_RESAMPLES, n))
+    vals = stat(idx)
     vals = vals[np.isfinite(vals)]
+    if len(vals) < 10:
+        return point, float("nan"), float("nan")
     a = (1 - CONFIDENCE) / 2
-    return float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))
+    return point, float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))
 
 
 def verdict(low: float, high: float) -> str:

@@ -24,3 +24,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "embedded" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.embedded)
+
+
+def assert_row_equals_alone(batched, b, alone, n_tokens, tol, label=""):
+    """Prompt ``b`` of a batched trace against the same prompt traced alone: every captured
+    quantity over its real positions (k/v over its tokens, score rows over its captured
+    positions), the masked entries masked alike, the rest within ``tol``."""
+    n_pos = int(alone.pos_mask.sum())
+    for name, x in alone.data.items():
+        y = batched.data[name][:, b]
+        if name in ("k", "v"):
+            y, x0 = y[:, :n_tokens], x[:, 0, :n_tokens]
+        elif name in ("scores", "pattern"):
+            y, x0 = y[:, :n_pos, :, :n_tokens], x[:, 0, :n_pos, :, :n_tokens]
+        else:
+            y, x0 = y[:, :n_pos], x[:, 0]
+        fin = torch.isfinite(x0)
+        assert torch.equal(fin, torch.isfinite(y)), (label, name)
+        assert (y[fin] - x0[fin]).abs().max() < tol, (label, name)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import icl_probe as ip
+from conftest import assert_row_equals_alone
 from icl_probe import models
 from icl_probe.architectures import attention_spec
 from icl_probe.gd import _examples, named_parameters, split_projections
@@ -290,18 +291,7 @@ def test_batched_equals_unbatched(family):
     batched = ip.trace(model, pairs, what=what, positions="labels", batch_size=3)
     for b, pair in enumerate(pairs):
         alone = ip.trace(model, [pair], what=what, positions="labels")
-        n_pos, n = int(alone.pos_mask.sum()), len(pair.icl_ids)
-        for name, x in alone.data.items():
-            y = batched.data[name][:, b]
-            if name in ("k", "v"):
-                y, x0 = y[:, :n], x[:, 0, :n]
-            elif name in ("scores", "pattern"):
-                y, x0 = y[:, :n_pos, :, :n], x[:, 0, :n_pos, :, :n]
-            else:
-                y, x0 = y[:, :n_pos], x[:, 0]
-            fin = torch.isfinite(x0)
-            assert torch.equal(fin, torch.isfinite(y)), (family, name)
-            assert (y[fin] - x0[fin]).abs().max() < F64_TOL, (family, name)
+        assert_row_equals_alone(batched, b, alone, len(pair.icl_ids), F64_TOL, family)
 
 
 # ------------------------------------------------------------------------------ fine-tuning

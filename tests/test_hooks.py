@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import icl_probe as ip
+from conftest import assert_row_equals_alone
 
 F64_TOL = 1e-10  # float64 on tiny models: only summation-order rounding remains
 
@@ -138,17 +139,7 @@ def test_batched_equals_unbatched(tiny64):
         n_pos, n = int(alone.pos_mask.sum()), len(pair.icl_ids)
         assert torch.equal(batched.positions[b, :n_pos], alone.positions[0])
         assert batched.pred_slot[b] == alone.pred_slot[0]
-        for name, x in alone.data.items():
-            y = batched.data[name][:, b]
-            if name in ("k", "v"):
-                y, x0 = y[:, :n], x[:, 0, :n]
-            elif name in ("scores", "pattern"):
-                y, x0 = y[:, :n_pos, :, :n], x[:, 0, :n_pos, :, :n]
-            else:
-                y, x0 = y[:, :n_pos], x[:, 0]
-            fin = torch.isfinite(x0)
-            assert torch.equal(fin, torch.isfinite(y)), name
-            assert (y[fin] - x0[fin]).abs().max() < F64_TOL, name
+        assert_row_equals_alone(batched, b, alone, n, F64_TOL)
         assert (batched.logits[b] - alone.logits[0]).abs().max() < F64_TOL
 
 

@@ -329,3 +329,15 @@ def test_a_collapsed_fine_tune_is_detected_excluded_and_never_selected(tiny, mon
     share = s[(s.metric == "ft_diverged") & (s.lr == 0.1)].value.iloc[0]
     assert share == 1.0  # and counted
     assert t.per_layer[t.per_layer.lr == 0.1].ft_diverged.all()
+
+
+def test_rec2ftp_interval_point_pairs_and_undefined():
+    rng = np.random.default_rng(3)
+    zs, icl, ft = (rng.random(40) < p for p in (0.3, 0.7, 0.6))
+    v, lo, hi = stats.rec2ftp_interval((zs, icl, ft))
+    assert abs(v - C.rec2ftp(zs, icl, ft)) < 1e-12 and lo <= v <= hi and lo < hi
+    d, dlo, dhi = stats.rec2ftp_interval((zs, icl, ft), (zs, icl, ft))  # paired with itself
+    assert d == dlo == dhi == 0.0
+    never = np.zeros(40, dtype=bool)
+    v, lo, hi = stats.rec2ftp_interval((zs, icl, zs & never))  # FT fixes nothing
+    assert all(math.isnan(x) for x in (v, lo, hi))
