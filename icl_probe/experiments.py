@@ -555,7 +555,9 @@ def _icl_vs_gd_intro(s: dict, tabs: dict[str, pd.DataFrame]) -> str:
              "zero-shot error: Rec2FTP undefined); diverged fine-tunes are excluded from every "
              "metric",
              "predictions scored by " + "; ".join(
-                 f"{task}: {', '.join(sorted(set(d.scoring.dropna())))}" for task, d in
+                 f"{task}: {', '.join(sorted(set(d['scoring'].dropna())))}"
+                 if "scoring" in d else f"{task}: not recorded by these units (older than the scoring column)"
+                 for task, d in
                  tabs["per_query"].groupby("task")) + " (first_token: argmax over the "
              "candidates' first tokens, the anchors' label accuracy; full_answer: each "
              "answer's whole log-probability, where answers share a first token)"]
