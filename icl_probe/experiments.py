@@ -556,7 +556,8 @@ def _icl_vs_gd_intro(s: dict, tabs: dict[str, pd.DataFrame]) -> str:
              "metric",
              "predictions scored by " + "; ".join(
                  f"{task}: {', '.join(sorted(set(d['scoring'].dropna())))}"
-                 if "scoring" in d else f"{task}: not recorded by these units (older than the scoring column)"
+                 if "scoring" in d
+                 else f"{task}: not recorded by these units (older than the scoring column)"
                  for task, d in
                  tabs["per_query"].groupby("task")) + " (first_token: argmax over the "
              "candidates' first tokens, the anchors' label accuracy; full_answer: each "
