@@ -136,10 +136,42 @@ def _lrs_by_method(v: Any, where: str) -> Any:
     return _list(_rate)(v, where)
 
 
+def _device_map(v: Any, where: str) -> str:
+    if v not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise ConfigError(f"{where} = {v!r}: expected one of 'auto', 'balanced', "
+                          "'balanced_low_0', 'sequential' (accelerate's device-map strategies)")
+    return v
+
+
+def _time(v: Any, where: str) -> int:
+    """Minutes, as an integer or "HH:MM:SS" / "D-HH:MM:SS" (Slurm's forms)."""
+    if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+        return v
+    if isinstance(v, str):
+        days, _, rest = v.rpartition("-")
+        parts = rest.split(":")
+        if (not days or days.isdigit()) and 1 <= len(parts) <= 3 and all(
+                p.isdigit() for p in parts):
+            h, m, s = ([0] * (3 - len(parts)) + [int(p) for p in parts])
+            minutes = int(days or 0) * 1440 + h * 60 + m + (s > 0)
+            if minutes > 0:
+                return minutes
+    raise ConfigError(f"{where} = {v!r}: expected minutes (an integer > 0) or \"HH:MM:SS\" / "
+                      "\"D-HH:MM:SS\"")
+
+
+def _extra(v: Any, where: str) -> dict:
+    if not isinstance(v, dict) or not all(isinstance(x, (str, int)) for x in v.values()):
+        raise ConfigError(f"{where} = {v!r}: expected a table of sbatch options, e.g. "
+                          "{ account = \"lab\", qos = \"high\" }")
+    return v
+
+
 def _sections(v: Any, where: str) -> list[str]:
     return _list(_choice(*SECTION_NAMES))(v, where)
 
 
+LAUNCHERS = ("serial", "local", "slurm")
 SECTION_NAMES = ("icl_vs_gd", "implied_updates", "order_sensitivity", "linear_attention",
                  "real_heads")
 
@@ -169,7 +201,15 @@ def schema() -> dict[str, dict[str, tuple[Callable, Any]]]:
     """Every table a config may hold: key -> (check, default)."""
     return {
         "experiment": {"name": (_str, None), "sections": (_sections, None),
-                       "model": (_model, None), "device": (_str, None), "dtype": (_str, None)},
+                       "model": (_model, None), "models": (_list(_model), None),
+                       "device": (_str, None), "dtype": (_str, None),
+                       "device_map": (_device_map, None), "n_devices": (_int(1), None)},
+        # where the units run (icl-probe run --launcher ...): not part of the results, so
+        # left out of the config digest
+        "cluster": {"launcher": (_choice(*LAUNCHERS), "serial"), "jobs": (_int(1), 1),
+                    "partition": (_str, None), "gpus_per_task": (_int(0), None),
+                    "cpus_per_task": (_int(1), None), "mem_gb": (_int(1), None),
+                    "time": (_time, 240), "sbatch": (_extra, {})},
         "icl_vs_gd": _icl_vs_gd_checks(),
         "implied_updates": {"tasks": (_list(_task), ["capital"]), "k": (_int(1), 8),
                             "prompts": (_int(1), 8), "verify_prompts": (_int(1), 2),
@@ -186,6 +226,12 @@ def schema() -> dict[str, dict[str, tuple[Callable, Any]]]:
         "real_heads": {"tasks": (_list(_task), ["capital"]), "prompts": (_int(1), 4),
                        "k": (_int(1), 8)},
     }
+
+
+def with_defaults(table: str, values: dict) -> dict:
+    """``values`` of ``[table]`` with the schema's default for every key it lacks (results
+    written by an older version may lack a key added since)."""
+    return {k: values.get(k, default) for k, (_, default) in schema()[table].items()}
 
 
 def validate(body: dict, where: str) -> dict:
@@ -222,9 +268,13 @@ def validate(body: dict, where: str) -> dict:
             vals.setdefault(key, default)
         out[table] = vals
     sections = out["experiment"]["sections"]
+    if out["experiment"]["model"] is not None and out["experiment"]["models"] is not None:
+        raise ConfigError(f"{where}: [experiment] gives both model and models; use models = "
+                          "[...] alone (it may hold one model)")
     for s in sections:
         out.setdefault(s, {k: d for k, (_, d) in sch[s].items()})
-    stray = [t for t in out if t != "experiment" and t not in sections]
+    out.setdefault("cluster", {k: d for k, (_, d) in sch["cluster"].items()})
+    stray = [t for t in out if t not in ("experiment", "cluster") and t not in sections]
     if stray:
         raise ConfigError(f"{where}: table [{stray[0]}] is not in [experiment] sections "
                           f"{sections}; add it there or remove the table")
@@ -250,7 +300,17 @@ class Config:
 
     @property
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.body, sort_keys=True).encode()).hexdigest()[:10]
+        """A hash of everything that shapes the results ([cluster], where they run, is left
+        out: a serial run and a cluster run of one config share an output directory)."""
+        body = {t: v for t, v in self.body.items() if t != "cluster"}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:10]
+
+    @property
+    def models(self) -> list[str | None]:
+        """The models the config runs: ``models``, else ``[model]`` (None: the embedded
+        default)."""
+        exp = self.body["experiment"]
+        return list(exp["models"]) if exp.get("models") else [exp.get("model")]
 
     def section(self, name: str) -> dict:
         return dict(self.body.get(name, {}))

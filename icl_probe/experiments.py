@@ -1,10 +1,12 @@
-"""Experiments: small TOML configs driving the library, resumable, with an HTML report.
+"""Experiments: small TOML configs driving the library, resumable, shardable, with an HTML
+report.
 
-A config names the sections to run and their sizes::
+A config names the models and the sections to run, and their sizes::
 
     [experiment]
     name = "default"
     sections = ["icl_vs_gd", "implied_updates"]
+    models = ["path/to/a.gguf", "EleutherAI/pythia-160m"]   # default: the embedded model
 
     [icl_vs_gd]
     tasks = ["sentiment"]
@@ -14,11 +16,17 @@ A config names the sections to run and their sizes::
     lrs = [1e-3]
     methods = ["dai", "lcgd"]
 
-Each section expands into *units* (task x seed x learning rate x ...). A finished unit's
-tables are written atomically (a temporary directory renamed into place) under
-``OUT/units/``; re-running skips finished units, an interrupt loses at most the unit in
-flight, and the output directory is keyed by a hash of the config, so a changed config never
-mixes with old results. ``report.html`` is rebuilt from every finished unit at the end.
+Each section expands into *units* (model x task x seed x learning rate x ...). A finished
+unit's tables are written atomically under ``OUT/units/`` (see :mod:`icl_probe.store`);
+re-running skips finished units, an interrupt or a kill loses at most the unit in flight, and
+the output directory is keyed by a hash of the config, so a changed config never mixes with
+old results. ``report.html`` is rebuilt from every finished unit at the end
+(:mod:`icl_probe.report`).
+
+The units can be cut into shards (:func:`shard_units`): deterministic, disjoint, covering
+all, and each holding whole dependency groups (an ``icl_vs_gd`` baseline unit runs at the
+rate its (model, task, method) sweep selected, so those units travel together). A shard is
+what one process, job-array task or ``--shard I/N`` runs (:mod:`icl_probe.launch`).
 
 >>> cfg = load_config(EXPERIMENTS_DIR / "default.toml")       # doctest: +SKIP
 >>> run_experiment(cfg, out="runs/default")                    # doctest: +SKIP
@@ -26,45 +34,34 @@ mixes with old results. ``report.html`` is rebuilt from every finished unit at t
 
 from __future__ import annotations
 
+import gc
 import hashlib
-import html
 import json
-import os
-import platform
-import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .config import EXPERIMENTS_DIR, Config, load_config
+from .config import EXPERIMENTS_DIR, Config, load_config, with_defaults
 from .errors import ConfigError, ExperimentError
+from .report import ANCHORS, icl_vs_gd_summary, write_report
+from .store import (Lock, clean_leftovers, finished_units, read_results, unit_finished, unit_id,
+                    write_text, write_unit)
 
 __all__ = ["ANCHORS", "EXPERIMENTS_DIR", "SECTIONS", "Config", "ConfigError", "ExperimentError",
-           "finished_units", "icl_vs_gd_summary", "load_config", "output_dir", "provenance",
-           "read_results", "run_experiment", "unit_finished", "write_report"]
-
-
-# The anchors' published numbers (docs/protocol.md, "Reference numbers"): one data file, read
-# here and quoted in the docs.
-ANCHORS_FILE = Path(__file__).resolve().parent / "data" / "anchors.csv"
-ANCHORS = pd.read_csv(ANCHORS_FILE, keep_default_na=False)
+           "experiment_units", "finished_units", "icl_vs_gd_summary", "load_config",
+           "model_key", "model_specs", "output_dir", "provenance", "read_results",
+           "rebuild_report", "run_experiment", "shard_units", "unit_finished", "write_report"]
 
 
 # ------------------------------------------------------------------------------ sections
 # Each section: units(config) -> list of unit dicts; run(model, unit) -> {table: DataFrame}.
 
 
-def _icl_vs_gd_settings(s: dict) -> dict:
-    """The section's values, with the config schema's defaults for any key it lacks."""
-    from .config import schema
-
-    return {k: s.get(k, default) for k, (_, default) in schema()["icl_vs_gd"].items()}
 
 
 def _icl_vs_gd_units(s: dict) -> list[dict]:
@@ -73,7 +70,7 @@ def _icl_vs_gd_units(s: dict) -> list[dict]:
     units when the unit runs)."""
     from .protocol import lr_grid
 
-    c = _icl_vs_gd_settings(s)
+    c = with_defaults("icl_vs_gd", s)
     grid = lr_grid(c["lrs"], c["methods"])
     sweep = [dict(stage="sweep", task=t, seed=seed, method=m, lr=lr) for t in c["tasks"]
              for m in c["methods"] for lr in grid[m] for seed in c["seeds"]]
@@ -100,7 +97,7 @@ def _comparison(model: Any, c: dict, task: str, ctx: dict) -> Any:
 def _icl_vs_gd_run(model: Any, u: dict, s: dict, ctx: dict) -> dict[str, pd.DataFrame]:
     from .protocol import FineTuneConfig, lr_grid, select_lr, sweep_rows
 
-    c = _icl_vs_gd_settings(s)
+    c = with_defaults("icl_vs_gd", s)
     comp = _comparison(model, c, u["task"], ctx)
     if u["stage"] == "sweep":
         cfg = FineTuneConfig(method=u["method"], params=c["params"], lr=u["lr"],
@@ -108,7 +105,7 @@ def _icl_vs_gd_run(model: Any, u: dict, s: dict, ctx: dict) -> dict[str, pd.Data
         splits = ("test", "dev") if len(lr_grid(c["lrs"], c["methods"])[u["method"]]) > 1 \
             else ("test",)
         return comp.run(cfg, u["seed"], "model", splits)
-    done = read_results(ctx["out"]).get("icl_vs_gd", {})
+    done = _sweep_results(ctx["out"], u, c)
     name = FineTuneConfig(method=u["method"], params=c["params"]).name
     chosen = select_lr(sweep_rows(done["per_query"], done["finetune"])) if done else {}
     if (u["task"], name) not in chosen:
@@ -118,6 +115,27 @@ def _icl_vs_gd_run(model: Any, u: dict, s: dict, ctx: dict) -> dict[str, pd.Data
     cfg = FineTuneConfig(method=u["method"], params=c["params"], lr=chosen[(u["task"], name)],
                          loss_tokens=c["loss_tokens"])
     return comp.run(cfg, u["seed"], u["run"], ("test",))
+
+
+def _sweep_results(out: Path, u: dict, c: dict) -> dict[str, pd.DataFrame]:
+    """The finished sweep units of this baseline unit's (model, task, method), all of them:
+    the rate is selected over every seed and rate, so a missing one is an error, not a
+    smaller sweep."""
+    from .protocol import lr_grid
+
+    need = {unit_id("icl_vs_gd", dict(stage="sweep", task=u["task"], seed=seed,
+                                      method=u["method"], lr=lr, model=u["model"]))
+            for lr in lr_grid(c["lrs"], c["methods"])[u["method"]] for seed in c["seeds"]}
+    have = {d.name for d in finished_units(out)}
+    if need - have:
+        raise ExperimentError(
+            f"baseline unit {unit_id('icl_vs_gd', u)} needs the finished sweep units "
+            f"{sorted(need - have)[:3]}{' ...' if len(need - have) > 3 else ''} to select its "
+            "rate; run them first (they travel in the same shard unless units were picked "
+            "by hand)")
+    done = read_results(out).get("icl_vs_gd", {})
+    return {k: v[(v.model == u["model"]) & (v.task == u["task"])] if "model" in v else v
+            for k, v in done.items()}
 
 
 def _implied_units(s: dict) -> list[dict]:
@@ -202,78 +220,6 @@ SECTIONS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
-# ------------------------------------------------------------------------------ running
-
-
-def _unit_id(section: str, unit: dict) -> str:
-    parts = [section] + [f"{k}={v}" for k, v in sorted(unit.items())]
-    return "__".join(p.replace("/", "_").replace(" ", "") for p in parts)
-
-
-COMPLETE = "COMPLETE"  # a unit's completion marker, written last: the digest of its files
-
-
-def _files_digest(d: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(d.iterdir()):
-        if f.is_file() and f.name != COMPLETE:
-            h.update(f.name.encode())
-            h.update(hashlib.sha256(f.read_bytes()).digest())
-    return h.hexdigest()
-
-
-def unit_finished(d: Path) -> bool:
-    """A unit directory counts as finished only when its completion marker, written last,
-    matches the digest of the files beside it (an empty or partial directory does not)."""
-    marker = d / COMPLETE
-    try:
-        return marker.is_file() and marker.read_text().strip() == _files_digest(d)
-    except OSError:
-        return False
-
-
-def _write_unit(root: Path, uid: str, tables: dict[str, pd.DataFrame], meta: dict) -> None:
-    """All of a unit's tables appear at once or not at all: written into a temporary
-    directory, sealed with the completion marker, then renamed into place."""
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{uid}.", dir=root))
-    try:
-        for name, df in tables.items():
-            df.to_csv(tmp / f"{name}.csv", index=False)
-        (tmp / "unit.json").write_text(json.dumps(meta, indent=2, default=str))
-        (tmp / COMPLETE).write_text(_files_digest(tmp))
-        final = root / uid
-        if final.exists():  # an unfinished leftover of an earlier run
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def finished_units(out: str | Path) -> list[Path]:
-    units = Path(out) / "units"
-    return [d for d in sorted(units.iterdir()) if not d.name.startswith(".")
-            and d.is_dir() and unit_finished(d)] if units.is_dir() else []
-
-
-def read_results(out: str | Path) -> dict[str, dict[str, pd.DataFrame]]:
-    """Every finished unit's tables, concatenated per section and table."""
-    res: dict[str, dict[str, list[pd.DataFrame]]] = {}
-    for d in finished_units(out):
-        meta = json.loads((d / "unit.json").read_text())
-        for f in sorted(d.glob("*.csv")):
-            try:
-                df = pd.read_csv(f)
-            except pd.errors.EmptyDataError:
-                continue
-            for k, v in meta["unit"].items():
-                if k not in df.columns and k != "stage":
-                    df.insert(0, k, v)
-            res.setdefault(meta["section"], {}).setdefault(f.stem, []).append(df)
-    return {s: {t: pd.concat(v, ignore_index=True) for t, v in tabs.items()} for s, tabs in res.items()}
-
-
 # ------------------------------------------------------------------------------ provenance
 
 
@@ -317,6 +263,112 @@ def _provenance_mismatch(old: dict, new: dict) -> list[str]:
     return diffs
 
 
+
+
+def _check_provenance(out: Path, key: str, prov: dict) -> None:
+    """Refuse results of another setting under the same model key; record the first."""
+    path = out / "provenance" / f"{key}.json"
+    if path.is_file():
+        diffs = _provenance_mismatch(json.loads(path.read_text()), prov)
+        if diffs:
+            raise ExperimentError(
+                f"{out} holds results of another setting for model {key!r} ({'; '.join(diffs)})"
+                f": mixing them would give a report of neither. Use another --out, or delete "
+                f"{out} to start afresh")
+        return
+    path.parent.mkdir(exist_ok=True)
+    write_text(path, json.dumps(prov, indent=2))
+
+
+# ------------------------------------------------------------------------------ units
+
+
+# sections whose units do not use the language model (they train their own small models)
+MODEL_FREE = frozenset({"linear_attention"})
+
+
+def model_key(spec: Any) -> str:
+    """The short name a model's units are keyed by: ``embedded`` for the default, a GGUF
+    file's stem, a directory's name, a hub id's last part (``EleutherAI/pythia-70m`` ->
+    ``pythia-70m``); a loaded model is named from its ``icl_probe_info``."""
+    if spec is None:
+        return "embedded"
+    if not isinstance(spec, (str, Path)):
+        info = getattr(spec, "icl_probe_info", None)
+        if info is None:
+            return "model"
+        return "embedded" if info.source == "embedded" else model_key(str(info.label))
+    s = str(spec).rstrip("/")
+    return Path(s).stem if s.endswith(".gguf") else Path(s).name
+
+
+def model_specs(config: Config, override: Any = None) -> dict[str, Any]:
+    """``{model key: spec}`` for the models the run covers: the config's ``models`` (or
+    ``model``), or ``override`` (a name, a path, a loaded model, or a dict key -> model)."""
+    if isinstance(override, dict):
+        specs = dict(override)
+    else:
+        listed = [override] if override is not None else config.models
+        specs = {}
+        for spec in listed:
+            k = model_key(spec)
+            if k in specs:
+                raise ExperimentError(
+                    f"models {listed}: two models are both keyed {k!r} (the name their units "
+                    "and report columns carry); give one of them a directory or file of "
+                    "another name")
+            specs[k] = spec
+    bad = [k for k in specs if not k or "__" in k or "/" in k]
+    if bad:
+        raise ExperimentError(f"model key {bad[0]!r}: keys name unit directories; use letters, "
+                              "digits, '-', '.' or single '_'")
+    return specs
+
+
+def experiment_units(config: Config, models: Iterable[str]) -> list[tuple[str, dict]]:
+    """Every unit of ``config`` for the model keys ``models``, in a fixed order: by section,
+    then model (in the config's order), then the section's own order."""
+    models = list(models)
+    units = []
+    for sec in config.sections:
+        base = SECTIONS[sec][0](config.section(sec))
+        if sec in MODEL_FREE:
+            units += [(sec, u) for u in base]
+        else:
+            units += [(sec, dict(model=m, **u)) for m in models for u in base]
+    return units
+
+
+def _group(section: str, unit: dict) -> tuple:
+    """Units that must run in one shard: an icl_vs_gd (model, task, method) sweep with the
+    baselines that run at the rate it selects; every other unit stands alone."""
+    if section == "icl_vs_gd":
+        return (section, unit["model"], unit["task"], unit["method"])
+    return (section, unit_id(section, unit))
+
+
+def shard_units(units: list[tuple[str, dict]], index: int, count: int
+                ) -> list[tuple[str, dict]]:
+    """Shard ``index`` (1-based) of ``count``: whole dependency groups (:func:`_group`),
+    assigned largest first to the shard with the fewest units so far (ties: the lower
+    shard), each shard keeping the units' order. Deterministic for a given unit list;
+    the shards are disjoint and together cover every unit. With fewer groups than shards,
+    some shards are empty."""
+    if not (isinstance(index, int) and isinstance(count, int) and 1 <= index <= count):
+        raise ExperimentError(f"shard {index}/{count}: expected I/N with 1 <= I <= N, e.g. 1/4")
+    groups: dict[tuple, int] = {}
+    for sec, u in units:
+        g = _group(sec, u)
+        groups[g] = groups.get(g, 0) + 1
+    load = [0] * count
+    owner = {}
+    for g in sorted(groups, key=lambda g: -groups[g]):  # stable: ties keep the units' order
+        i = min(range(count), key=lambda j: (load[j], j))
+        owner[g] = i
+        load[i] += groups[g]
+    return [(sec, u) for sec, u in units if owner[_group(sec, u)] == index - 1]
+
+
 # ------------------------------------------------------------------------------ running
 
 
@@ -324,394 +376,132 @@ def output_dir(config: Config, out: str | Path | None) -> Path:
     return Path(out) if out is not None else Path("runs") / f"{config.name}-{config.digest}"
 
 
-class _Lock:
-    """``OUT/.lock`` while a run writes to OUT: a second run on the same directory stops with
-    a clear message instead of computing the same units. A lock whose process is gone (a
-    killed run) is taken over."""
-
-    def __init__(self, out: Path):
-        self.path = out / ".lock"
-
-    def __enter__(self) -> "_Lock":
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().split()[0])
-                except (OSError, ValueError, IndexError):
-                    pid = -1
-                if pid > 0 and _alive(pid) and pid != os.getpid():
-                    raise ExperimentError(
-                        f"{self.path.parent} is in use by another icl-probe run (pid {pid}). "
-                        "Wait for it to finish, or give this run another --out") from None
-                self.path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()} {platform.node()}\n")
-            return self
-        raise ExperimentError(f"could not take the lock {self.path}; remove it if no run is active")
-
-    def __exit__(self, *exc: Any) -> None:
-        self.path.unlink(missing_ok=True)
+def _write_stamp(out: Path, config: Config) -> None:
+    """``OUT/config.json``: the validated config, refused when OUT holds another's results."""
+    stamp = out / "config.json"
+    if stamp.is_file():
+        old = json.loads(stamp.read_text())
+        if old.get("digest") != config.digest:
+            raise ExperimentError(
+                f"{out} holds results of a different config (digest {old.get('digest')}, this "
+                f"one {config.digest}); use another --out, or delete {out}")
+        return
+    write_text(stamp, json.dumps({"digest": config.digest, "name": config.name,
+                                  "config": config.body, "path": config.path}, indent=2))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def stamped_config(out: str | Path) -> Config:
+    """The config an output directory was written by (from its ``config.json``)."""
+    stamp = Path(out) / "config.json"
+    if not stamp.is_file():
+        raise ExperimentError(f"{out} is not an experiment output directory (no config.json); "
+                              "give the --out of an icl-probe run")
+    s = json.loads(stamp.read_text())
+    body = s["config"]
+    return Config(s.get("name") or body["experiment"].get("name") or Path(out).name,
+                  tuple(body["experiment"]["sections"]), body, s.get("path"))
 
 
-def _clean_leftovers(out: Path) -> int:
-    """Remove temporary unit directories of interrupted runs and unit directories without a
-    valid completion marker; returns how many were removed."""
-    units = out / "units"
-    n = 0
-    for d in units.iterdir() if units.is_dir() else []:
-        if d.is_dir() and (d.name.startswith(".") or not unit_finished(d)):
-            shutil.rmtree(d, ignore_errors=True)
-            n += 1
-    return n
+def _missing(out: Path, config: Config, models: Iterable[str]) -> list[str]:
+    done = {d.name for d in finished_units(out)}
+    return [unit_id(sec, u) for sec, u in experiment_units(config, models)
+            if unit_id(sec, u) not in done]
+
+
+def rebuild_report(out: str | Path) -> Path:
+    """Rebuild ``report.html`` and ``summary.csv`` of an output directory from its finished
+    units (any time: while shards still run, the report says how many units are missing)."""
+    out = Path(out)
+    config = stamped_config(out)
+    models = sorted(p.stem for p in (out / "provenance").glob("*.json")) or list(
+        model_specs(config))
+    missing = _missing(out, config, models)
+    return write_report(config, out, missing=len(missing))
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run_experiment(config: Config, *, model: Any = None, model_name: str | None = None,
                    out: str | Path | None = None, device: str | None = None,
-                   dtype: str | None = None, progress: bool | None = None,
+                   dtype: str | None = None, device_map: Any = None,
+                   n_devices: int | None = None, shard: tuple[int, int] | None = None,
+                   progress: bool | None = None, report: bool = True,
                    unit_hook: Callable[[str], None] | None = None) -> Path:
-    """Run every unfinished unit of ``config`` and write ``report.html``; returns the output
-    directory. ``model`` (a loaded model) or ``model_name`` override the config's model.
+    """Run every unfinished unit of ``config`` (of shard ``(I, N)`` only, when given) and
+    write ``report.html`` once every unit of the config is finished; returns the output
+    directory.
 
-    The directory is locked while the run writes to it; its stamp (``config.json``) records
-    the config digest and the provenance of the results (model identity, dtype, device kind,
-    package version), and a run whose provenance differs is refused before any unit runs."""
+    ``model`` (a loaded model, or a dict key -> loaded model) or ``model_name`` (one name or
+    path) replace the config's models. Models are loaded one at a time, when their first
+    unit runs. The run (or shard) locks the directory against overlapping runs; the stamp
+    (``config.json``) records the config, and ``provenance/MODEL.json`` each model's identity,
+    dtype, device kind and package version: a run whose provenance differs is refused before
+    any of that model's units run."""
     from .models import load_model
 
     exp = config.section("experiment")
-    name = model_name if model_name is not None else exp.get("model")
+    specs = model_specs(config, model if model is not None else model_name)
     out = output_dir(config, out)
+    units = experiment_units(config, specs)
+    mine = shard_units(units, *shard) if shard is not None else units
     out.mkdir(parents=True, exist_ok=True)
-    with _Lock(out):
-        stamp = out / "config.json"
-        old = json.loads(stamp.read_text()) if stamp.is_file() else None
-        if old is not None and old.get("digest") != config.digest:
-            raise ExperimentError(
-                f"{out} holds results of a different config (digest {old.get('digest')}, this "
-                f"one {config.digest}); use another --out, or delete {out}")
-        cleaned = _clean_leftovers(out)
-        units = [(sec, u) for sec in config.sections for u in SECTIONS[sec][0](config.section(sec))]
+    with Lock(out, shard):
+        _write_stamp(out, config)
+        cleaned = clean_leftovers(out, [unit_id(sec, u) for sec, u in mine])
         done = {d.name for d in finished_units(out)}
-        todo = [(sec, u) for sec, u in units if _unit_id(sec, u) not in done]
-        print(f"experiment {config.name}: {len(units)} units, {len(units) - len(todo)} already "
-              f"done{f', {cleaned} unfinished leftovers removed' if cleaned else ''}; results in "
+        todo = [(sec, u) for sec, u in mine if unit_id(sec, u) not in done]
+        where = f"shard {shard[0]}/{shard[1]}: {len(mine)} of {len(units)}" if shard else \
+            f"{len(units)}"
+        print(f"experiment {config.name}: {where} units, {len(mine) - len(todo)} already done"
+              f"{f', {cleaned} unfinished leftovers removed' if cleaned else ''}; results in "
               f"{out}")
-        if todo or model is not None:
-            if model is None:
-                model = load_model(name, device=device or exp.get("device"),
-                                   dtype=dtype or exp.get("dtype"))
-            prov = provenance(model, config)
-            if old is not None and old.get("provenance"):
-                diffs = _provenance_mismatch(old["provenance"], prov)
-                if diffs:
-                    raise ExperimentError(
-                        f"{out} holds results of another setting ({'; '.join(diffs)}): mixing "
-                        f"them would give a report of neither. Use another --out, or delete "
-                        f"{out} to start afresh")
-            tmp = stamp.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"digest": config.digest, "config": config.body,
-                                       "path": config.path, "provenance": prov}, indent=2))
-            os.replace(tmp, stamp)
-        ctx: dict = {"out": out}
+        loaded: dict[str, Any] = {}  # the one model in memory, by key
+        provs: dict[str, dict] = {}
+        ctxs: dict[str, dict] = {}
+
+        def model_for(key: str) -> Any:
+            if key not in loaded:
+                for old in list(loaded):  # one model in memory at a time
+                    ctxs.pop(old, None)
+                    del loaded[old]
+                    _free_memory()
+                spec = specs[key]
+                if spec is None or isinstance(spec, (str, Path)):
+                    spec = load_model(spec, device=device or exp.get("device"),
+                                      dtype=dtype or exp.get("dtype"),
+                                      device_map=device_map or exp.get("device_map"),
+                                      n_devices=n_devices or exp.get("n_devices"))
+                loaded[key] = spec
+                provs[key] = provenance(spec, config)
+                _check_provenance(out, key, provs[key])
+            return loaded[key]
+
+        if model is not None:  # loaded models given: their provenance is checked up front
+            for key in specs:
+                model_for(key)
         bar = tqdm(todo, desc=config.name, unit="unit", disable=progress is False)
         for sec, u in bar:
-            uid = _unit_id(sec, u)
+            uid = unit_id(sec, u)
             bar.set_postfix_str(uid[:60])
+            key = u.get("model")
+            m = model_for(key) if key is not None else None
             if unit_hook is not None:
                 unit_hook(uid)
             t0 = time.perf_counter()
-            tables = SECTIONS[sec][1](model, u, config.section(sec), ctx)
-            _write_unit(out / "units", uid, tables, {"section": sec, "unit": u,
-                                                     "seconds": time.perf_counter() - t0,
-                                                     "provenance": prov})
-        path = write_report(config, out, model_label=getattr(
-            getattr(model, "icl_probe_info", None), "label", name or "embedded"))
-    print(f"report: {path.resolve()}")
+            ctx = ctxs.setdefault(key, {"out": out})
+            tables = SECTIONS[sec][1](m, u, config.section(sec), ctx)
+            write_unit(out / "units", uid, tables, {"section": sec, "unit": u,
+                                                    "seconds": time.perf_counter() - t0,
+                                                    "provenance": provs.get(key)})
+        missing = _missing(out, config, specs)
+        if report and not missing:
+            path = write_report(config, out)
+            print(f"report: {path.resolve()}")
+        elif report:
+            print(f"{len(missing)} units of other shards are not finished yet: the report is "
+                  f"written by the run that finishes last (or: icl-probe report {out})")
     return out
-
-
-# ------------------------------------------------------------------------------ report
-
-
-def _versions() -> dict:
-    import transformer_lens
-    import transformers
-
-    from . import __version__
-
-    return {"icl-probe": __version__, "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "transformer-lens": getattr(transformer_lens, "__version__", "?"),
-            "python": platform.python_version(), "machine": platform.machine()}
-
-
-def _figures(section: str, tabs: dict[str, pd.DataFrame]) -> list:
-    import plotly.express as px
-
-    figs = []
-    if section == "icl_vs_gd" and "summary" in tabs:
-        figs += _icl_vs_gd_figures(tabs)
-    if section == "implied_updates":
-        p = tabs.get("probes")
-        if p is not None:
-            for q in ("lambda", "fidelity_err"):
-                d = p[(p.quantity == q) & (p["head"] >= 0)]
-                m = d.groupby(["layer", "head"]).value.mean().unstack("head")
-                figs.append(px.imshow(m, aspect="auto", origin="upper", zmin=0, zmax=1,
-                                      title=f"{q} (layer x head, mean over prompts)"))
-        t = tabs.get("trajectory")
-        if t is not None:
-            d = t[t.quantity.isin(["mlp_dW_gate_norm", "mlp_dW_gate_step"])]
-            d = d.groupby(["n_demos", "quantity"], as_index=False).value.mean()
-            figs.append(px.line(d, x="n_demos", y="value", color="quantity", markers=True, log_y=True,
-                                title="Rank-1 MLP update vs demonstrations (mean over layers)"))
-    if section == "order_sensitivity" and "order_sensitivity" in tabs:
-        d = tabs["order_sensitivity"].groupby(["n_demos", "run"], as_index=False).order_sensitivity.mean()
-        figs.append(px.line(d, x="n_demos", y="order_sensitivity", color="run", markers=True,
-                            title="Order sensitivity (std of p(output) across orderings)"))
-    if section == "linear_attention":
-        from . import dual
-        if "training" in tabs:
-            figs.append(dual.plot_lsa_training(tabs["training"]))
-            figs.append(dual.plot_gd_alignment(tabs["training"]))
-        if "ood" in tabs:
-            figs.append(dual.plot_ood(tabs["ood"]))
-    if section == "real_heads" and "sparsity" in tabs:
-        from . import dual
-        figs.append(dual.plot_head_sparsity(tabs["sparsity"]))
-    return figs
-
-
-def _tables(section: str, tabs: dict[str, pd.DataFrame]) -> list[tuple[str, pd.DataFrame]]:
-    out = []
-    if section == "icl_vs_gd":
-        out += _icl_vs_gd_tables(tabs)
-    elif section == "implied_updates":
-        out.append(("Identities: worst relative error", tabs["identities"].groupby("identity")
-                    .max_rel_err.max().to_frame()))
-        p = tabs["probes"]
-        out.append(("Probe quantities (median over prompts, layers, heads)",
-                    p.groupby("quantity").value.describe()[["50%", "min", "max"]]))
-    else:
-        for name, df in tabs.items():
-            out.append((name, df.head(60)))
-    return out
-
-
-SUMMARY_COLUMNS = ["task", "method", "lr", "selected", "run", "metric", "baseline", "kind",
-                   "layer", "value", "ci_low", "ci_high", "n", "verdict"]
-
-
-def icl_vs_gd_summary(tabs: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
-    """The summary with intervals, the compact table and the sweep, from the units' tables."""
-    from .protocol import compact_table, summarise, sweep_rows
-
-    pq, ft = tabs["per_query"], tabs.get("finetune", pd.DataFrame())
-    if "lr" in ft:
-        ft = ft[ft.lr.notna()]
-    sweep = sweep_rows(pq, ft)
-    summary = summarise(pq, tabs.get("per_layer", pd.DataFrame()))
-    sel = {(t, m): lr for t, m, lr in zip(sweep.task, sweep.method, sweep.lr)
-           if sweep.selected[(sweep.task == t) & (sweep.method == m) & (sweep.lr == lr)].any()}
-    summary["selected"] = [sel.get((t, m)) == lr for t, m, lr in
-                           zip(summary.task, summary.method, summary.lr)]
-    summary = summary.reindex(columns=SUMMARY_COLUMNS + [c for c in summary.columns
-                                                         if c not in SUMMARY_COLUMNS])
-    return {"summary": summary, "table": compact_table(summary, ANCHORS), "sweep": sweep}
-
-
-def _write_csv(path: Path, df: pd.DataFrame) -> None:
-    tmp = path.with_suffix(".tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def _icl_vs_gd_intro(s: dict, tabs: dict[str, pd.DataFrame]) -> str:
-    c = _icl_vs_gd_settings(s)
-    sw = tabs["sweep"]
-    flagged = sw[sw.flag != ""]
-    items = [f"protocol <b>{c['protocol']}</b>: one demonstration set of k = {c['k']} per seed "
-             f"(train split), one fine-tune per (seed, method, rate), {c['queries']} test "
-             f"queries per seed, seeds {c['seeds']}, read at the <b>{c['position']}</b> position",
-             f"learning rates {c['lrs']}: the rate with the best FT accuracy on {c['dev_queries']} "
-             "dev queries is selected (ties: gold log-probability); baselines run at it",
-             "every value: mean over queries (pooled over seeds) with a 95 % bootstrap interval; "
-             "a baseline cell shows the baseline's value and the verdict on ours − baseline "
-             "(paired by query): <span class=beats>beats baseline</span> only when that "
-             "difference's interval lies above 0",
-             f"{len(flagged)} of {len(sw)} sweep settings flagged (diverged, or FT fixes no "
-             "zero-shot error: Rec2FTP undefined); diverged fine-tunes are excluded from every "
-             "metric",
-             "predictions scored by " + "; ".join(
-                 f"{task}: {', '.join(sorted(set(d['scoring'].dropna())))}"
-                 if "scoring" in d
-                 else f"{task}: not recorded by these units (older than the scoring column)"
-                 for task, d in
-                 tabs["per_query"].groupby("task")) + " (first_token: argmax over the "
-             "candidates' first tokens, the anchors' label accuracy; full_answer: each "
-             "answer's whole log-probability, where answers share a first token)"]
-    return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
-
-
-def _verdict_html(cell: str) -> str:
-    cell = html.escape(str(cell))
-    for word, cls in (("(beats baseline)", "beats"), ("(below baseline)", "below"),
-                      ("(not distinguishable)", "nd")):
-        cell = cell.replace(html.escape(word), f"<span class={cls}>{html.escape(word)}</span>")
-    return cell
-
-
-def _icl_vs_gd_tables(tabs: dict[str, pd.DataFrame]) -> list[tuple[str, Any]]:
-    out = []
-    table = tabs["table"]
-    for (task, method), d in table.groupby(["task", "method"], sort=False):
-        d = d.drop(columns=["task", "method"]).copy()
-        lr = d.pop("lr").iloc[0]
-        d = d.set_index("metric")
-        keep = [c for c in d.columns if (d[c] != "").any()]
-        out.append((f"{task}: ICL vs {method} (selected lr = {lr:g})", _HtmlTable(d[keep])))
-    sw = tabs["sweep"].copy()
-    sw["selected"] = np.where(sw.selected, "selected", "")
-    out.append(("Learning-rate sweep (per seed)", sw.round(3)))
-    return out
-
-
-class _HtmlTable:
-    """A table whose cells carry the verdict colours."""
-
-    def __init__(self, df: pd.DataFrame):
-        self.df = df
-
-    def to_html(self, border: int = 0, na_rep: str = "") -> str:
-        head = "<tr><th></th>" + "".join(f"<th>{html.escape(str(c))}</th>"
-                                         for c in self.df.columns) + "</tr>"
-        body = "".join("<tr><td class=metric>" + html.escape(str(i)) + "</td>" +
-                       "".join(f"<td>{_verdict_html(v)}</td>" for v in row) + "</tr>"
-                       for i, row in zip(self.df.index, self.df.itertuples(index=False)))
-        return f"<table>{head}{body}</table>"
-
-
-def _icl_vs_gd_figures(tabs: dict[str, pd.DataFrame]) -> list:
-    import plotly.express as px
-
-    figs = []
-    sw = tabs.get("sweep")
-    if sw is not None and len(sw):
-        d = sw.groupby(["task", "method", "lr"], as_index=False).agg(
-            dev_ft_acc=("dev_ft_acc", "mean"), test_ft_acc=("test_ft_acc", "mean"),
-            test_zs_acc=("test_zs_acc", "mean"), selected=("selected", "any"),
-            diverged=("diverged", "any"), fixes=("ft_fixes", "sum"))
-        d = d.melt(id_vars=["task", "method", "lr", "selected", "diverged", "fixes"],
-                   value_vars=["dev_ft_acc", "test_ft_acc", "test_zs_acc"], var_name="accuracy")
-        fig = px.line(d, x="lr", y="value", color="accuracy", line_dash="method",
-                      facet_col="task", markers=True, log_x=True,
-                      title="Learning-rate sweep: FT accuracy (dev picks the rate), ZS for scale; "
-                            "★ selected, ✕ diverged, ○ FT fixes no ZS error")
-        for _, r in d[d.accuracy == "dev_ft_acc"].iterrows():
-            mark = "★" if r.selected else ("✕" if r.diverged else ("○" if r.fixes == 0 else ""))
-            if mark:
-                col = sorted(d.task.unique()).index(r.task) + 1 if d.task.nunique() > 1 else 1
-                fig.add_annotation(x=np.log10(r.lr), y=r.value, text=mark, showarrow=False,
-                                   yshift=12, row=1, col=col)
-        figs.append(fig)
-    s = tabs["summary"]
-    s = s[(s.layer >= 0) & s.selected.astype(bool) & (s.kind != "difference")]
-    for metric in ("SimAOU_norm", "SimAOU", "SimAM_delta", "Kendall", "weight_cos"):
-        d = s[s.metric == metric]
-        if d.empty:
-            continue
-        figs.append(_per_layer_figure(metric, d.assign(
-            line=np.where(d.baseline != "", d.baseline, d.run))))
-    return figs
-
-
-# one colour per line kind, the same in every panel; ours is drawn thick, with its interval
-_LINE_COLOURS = {"model": "#1a1a1a", "shuffled_labels": "#e8710a", "untrained": "#1a73e8",
-                 "embeddings_only": "#12b5cb", "random_update": "#9aa0a6",
-                 "uniform_random": "#c5221f", "SimAM_before": "#9334e6"}
-
-
-def _per_layer_figure(metric: str, d: pd.DataFrame) -> Any:
-    """One panel per (task, method): ours with its 95 % band beside every baseline."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    tasks, methods = sorted(d.task.unique()), sorted(d.method.unique())
-    titles = [f"{t}, {m} (lr {d[(d.task == t) & (d.method == m)].lr.iloc[0]:g})"
-              if len(d[(d.task == t) & (d.method == m)]) else f"{t}, {m}"
-              for t in tasks for m in methods]
-    fig = make_subplots(rows=len(tasks), cols=len(methods), subplot_titles=titles,
-                        shared_xaxes=True, shared_yaxes=True, vertical_spacing=0.08)
-    shown = set()
-    for i, t in enumerate(tasks, 1):
-        for j, m in enumerate(methods, 1):
-            g = d[(d.task == t) & (d.method == m)]
-            for line, h in g.groupby("line"):
-                h = h.sort_values("layer")
-                colour = _LINE_COLOURS.get(line, "#5f6368")
-                name = "ours" if line == "model" else line
-                if line == "model" and h.ci_low.notna().any():
-                    fig.add_trace(go.Scatter(
-                        x=list(h.layer) + list(h.layer)[::-1],
-                        y=list(h.ci_high) + list(h.ci_low)[::-1], fill="toself",
-                        fillcolor="rgba(26,26,26,0.15)", line=dict(width=0), hoverinfo="skip",
-                        showlegend=False), row=i, col=j)
-                fig.add_trace(go.Scatter(x=h.layer, y=h.value, mode="lines", name=name,
-                                         legendgroup=name, showlegend=name not in shown,
-                                         line=dict(color=colour, width=3 if line == "model" else 1.2)),
-                              row=i, col=j)
-                shown.add(name)
-    fig.update_layout(title=f"{metric} per layer at the selected rate: ours (95 % band) beside "
-                            "its baselines", height=320 * len(tasks) + 80)
-    fig.update_xaxes(title_text="layer", row=len(tasks))
-    return fig
-
-
-def write_report(config: Config, out: Path, model_label: str = "") -> Path:
-    """One self-contained HTML report from every finished unit under ``out``."""
-    results = read_results(out)
-    parts = [f"<h1>icl-probe: {html.escape(config.name)}</h1>",
-             f"<p>model: {html.escape(str(model_label))}; written "
-             f"{time.strftime('%Y-%m-%d %H:%M:%S')}</p>"]
-    first = True
-    for section in config.sections:
-        parts.append(f"<h2>{html.escape(section)}</h2>")
-        tabs = results.get(section)
-        if not tabs:
-            parts.append("<p>no finished unit yet</p>")
-            continue
-        if section == "icl_vs_gd":
-            tabs.update(icl_vs_gd_summary(tabs))
-            _write_csv(out / "summary.csv", tabs["summary"])
-            parts.append(_icl_vs_gd_intro(config.section(section), tabs))
-        for title, df in _tables(section, tabs):
-            parts.append(f"<h3>{html.escape(title)}</h3>" + df.to_html(border=0, na_rep=""))
-        for fig in _figures(section, tabs):
-            parts.append(fig.to_html(full_html=False, include_plotlyjs=first))
-            first = False
-    parts.append("<h2>config</h2><pre>" + html.escape(json.dumps(config.body, indent=2)) + "</pre>")
-    parts.append("<h2>versions</h2><pre>" + html.escape(json.dumps(_versions(), indent=2)) + "</pre>")
-    style = ("<style>body{font-family:sans-serif;margin:2em;max-width:1400px}"
-             "table{border-collapse:collapse;font-size:13px}td,th{padding:2px 8px;"
-             "border-bottom:1px solid #ddd;text-align:right}"
-             ".beats{color:#0a7a28;font-weight:600}.below{color:#b3261e}.nd{color:#777}"
-             "td.metric{text-align:left;font-weight:600}</style>")
-    page = f"<!doctype html><html><head><meta charset='utf-8'>{style}</head><body>" + \
-        "\n".join(parts) + "</body></html>"
-    path = out / "report.html"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path

@@ -175,14 +175,18 @@ def test_an_empty_or_partial_unit_directory_is_redone(tiny, tmp_path):
     shutil.rmtree(units[0])
     units[0].mkdir()  # an empty directory where a unit was
     (units[1] / "sparsity.csv").write_text("garbage")  # a unit whose files changed
-    (out / "units" / ".real_heads__task=x.abc").mkdir()  # a temp dir of a killed run
+    (out / "units" / f".{units[0].name}.abc").mkdir()  # a temp dir of a killed run
+    # a unit another process (a shard of a bigger config) is writing right now
+    (out / "units" / ".real_heads__model=other__task=x.abc").mkdir()
     redone = []
     run_experiment(cfg, model=tiny, out=out, progress=False, unit_hook=redone.append)
     assert sorted(redone) == sorted(u.name for u in units)
-    assert not [p for p in (out / "units").iterdir() if p.name.startswith(".")]
+    assert [p.name for p in (out / "units").iterdir() if p.name.startswith(".")] == [
+        ".real_heads__model=other__task=x.abc"]  # only this run's own leftovers are removed
 
 
 def test_a_second_run_on_the_same_directory_is_refused(tiny, tmp_path):
+    import platform
     import subprocess
     import sys
 
@@ -191,8 +195,8 @@ def test_a_second_run_on_the_same_directory_is_refused(tiny, tmp_path):
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (out / ".lock").write_text(f"{holder.pid} host\n")
-        with pytest.raises(ExperimentError, match=f"in use by another icl-probe run \\(pid {holder.pid}\\)"):
+        (out / ".lock").write_text(f"{holder.pid} {platform.node()}\n")
+        with pytest.raises(ExperimentError, match=f"in use by another icl-probe run \\(a whole run, pid {holder.pid}\\)"):
             run_experiment(cfg, model=tiny, out=out, progress=False)
     finally:
         holder.kill()
