@@ -1,4 +1,4 @@
-"""``icl-probe`` command line: ``models``, ``tasks``, ``inspect``, ``run``.
+"""``icl-probe`` command line: ``models``, ``tasks``, ``inspect``, ``run``, ``report``, ``plan``.
 
 The CLI only parses arguments and prints; the work is done by library functions.
 """
@@ -142,6 +142,16 @@ def _inspect_text(model, args: argparse.Namespace) -> int:
     return 0
 
 
+def _shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    i, sep, n = text.partition("/")
+    if not (sep and i.strip().isdigit() and n.strip().isdigit() and 1 <= int(i) <= int(n)):
+        raise ExperimentError(f"--shard {text!r}: expected I/N with 1 <= I <= N, e.g. --shard "
+                              "1/4 (shard 1 of 4)")
+    return int(i), int(n)
+
+
 def _run(args: argparse.Namespace) -> int:
     from .experiments import (EXPERIMENTS_DIR, finished_units, load_config, output_dir,
                               run_experiment)
@@ -149,6 +159,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.all and args.config:
         raise ExperimentError(f"run {args.config} --all: give one config or --all (every "
                               "shipped config, about a day of compute on a CPU), not both")
+    shard = _shard(args.shard)
+    if shard is not None and args.launcher not in (None, "serial"):
+        raise ExperimentError(f"--shard {args.shard} with --launcher {args.launcher}: a shard "
+                              "runs in this process; the launchers make their own shards "
+                              "(--jobs N)")
     if args.all:
         paths = sorted(EXPERIMENTS_DIR.glob("*.toml"))
     else:
@@ -157,15 +172,56 @@ def _run(args: argparse.Namespace) -> int:
     for path, config in zip(paths, configs):
         out = output_dir(config, Path(args.out) / path.stem if args.out and args.all
                          else args.out)
+        cluster = config.section("cluster")
+        launcher = args.launcher or cluster["launcher"]
+        jobs = args.jobs or cluster["jobs"]
+        kw = dict(model_name=args.model, device=args.device, dtype=args.dtype,
+                  device_map=args.device_map, n_devices=args.n_devices)
         try:
-            run_experiment(config, model_name=args.model, out=out, device=args.device,
-                           dtype=args.dtype)
+            if shard is not None or launcher == "serial":
+                run_experiment(config, out=out, shard=shard, **kw)
+            else:
+                from .launch import launch
+
+                slurm = {k: getattr(args, k) if getattr(args, k, None) is not None
+                         else cluster[k] for k in ("partition", "gpus_per_task",
+                                                   "cpus_per_task", "mem_gb", "time")}
+                slurm["sbatch"] = cluster["sbatch"]
+                launch(config, out=out, launcher=launcher, jobs=jobs, slurm=slurm,
+                       wait=args.wait, **kw)
         except KeyboardInterrupt:
             n = len(finished_units(out))
             print(f"\ninterrupted: {n} units kept in {out}, rerun the same command to resume",
                   file=sys.stderr)
             return 130
     return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .experiments import rebuild_report
+
+    path = rebuild_report(args.out)
+    print(f"report: {path.resolve()}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .experiments import load_config
+    from .plan import plan
+
+    config = load_config(args.config)
+    p = plan(config, model_name=args.model, dtype=args.dtype)
+    print(json.dumps(p.to_dict(), indent=2) if args.json else p.text())
+    return 0
+
+
+def _minutes(text: str) -> int:
+    from .config import parse_time
+
+    try:
+        return parse_time(int(text) if text.isdigit() else text, "--time")
+    except IclProbeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,6 +250,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="output directory (default: runs/NAME-HASH)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--device-map", default=None, choices=["auto", "balanced", "sequential"],
+                   help="spread a model over this machine's GPUs (accelerate)")
+    p.add_argument("--n-devices", type=int, default=None, help="GPUs to spread a model over")
+    g = p.add_argument_group("where the units run (default: the config's [cluster], else "
+                             "serial)")
+    g.add_argument("--launcher", choices=["serial", "local", "slurm"], default=None)
+    g.add_argument("--jobs", type=int, default=None,
+                   help="local subprocesses, or Slurm array tasks (shards of the units)")
+    g.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only shard I of N of the units (for any other scheduler)")
+    g.add_argument("--partition", default=None)
+    g.add_argument("--gpus-per-task", type=int, default=None)
+    g.add_argument("--cpus-per-task", type=int, default=None)
+    g.add_argument("--mem-gb", type=int, default=None)
+    g.add_argument("--time", type=_minutes, default=None,
+                   help="time limit per array task: minutes, HH:MM:SS or D-HH:MM:SS")
+    g.add_argument("--wait", action="store_true",
+                   help="slurm: wait for the jobs and write the report here")
+    p = sub.add_parser("report", help="rebuild report.html and summary.csv from the units")
+    p.add_argument("out", help="an experiment's output directory")
+    p = sub.add_parser("plan", help="parameters, memory and units of a config, without "
+                                    "loading weights")
+    p.add_argument("config", help="an experiments/*.toml file")
+    p.add_argument("--model", default=None, help="name, directory or .gguf (default: the "
+                                                 "config's)")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     try:
         if args.command == "models":
@@ -211,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
             return _inspect(args)
         elif args.command == "run":
             return _run(args)
+        elif args.command == "report":
+            return _report(args)
+        elif args.command == "plan":
+            return _plan(args)
     except IclProbeError as e:
         print(f"icl-probe: error: {e}", file=sys.stderr)
         return 2

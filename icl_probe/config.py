@@ -143,7 +143,7 @@ def _device_map(v: Any, where: str) -> str:
     return v
 
 
-def _time(v: Any, where: str) -> int:
+def parse_time(v: Any, where: str) -> int:
     """Minutes, as an integer or "HH:MM:SS" / "D-HH:MM:SS" (Slurm's forms)."""
     if isinstance(v, int) and not isinstance(v, bool) and v > 0:
         return v
@@ -209,7 +209,7 @@ def schema() -> dict[str, dict[str, tuple[Callable, Any]]]:
         "cluster": {"launcher": (_choice(*LAUNCHERS), "serial"), "jobs": (_int(1), 1),
                     "partition": (_str, None), "gpus_per_task": (_int(0), None),
                     "cpus_per_task": (_int(1), None), "mem_gb": (_int(1), None),
-                    "time": (_time, 240), "sbatch": (_extra, {})},
+                    "time": (parse_time, 240), "sbatch": (_extra, {})},
         "icl_vs_gd": _icl_vs_gd_checks(),
         "implied_updates": {"tasks": (_list(_task), ["capital"]), "k": (_int(1), 8),
                             "prompts": (_int(1), 8), "verify_prompts": (_int(1), 2),
@@ -263,6 +263,9 @@ def validate(body: dict, where: str) -> dict:
                     f"{where}: [{table}] has no key {key!r}"
                     + (f" (did you mean {near[0]!r}?)" if near else "")
                     + f"; valid keys: {', '.join(sorted(keys))}")
+            if v is None and keys[key][1] is None:  # unset (a validated body, re-read)
+                vals[key] = None
+                continue
             vals[key] = keys[key][0](v, f"{where}: [{table}] {key}")
         for key, (_, default) in keys.items():
             vals.setdefault(key, default)

@@ -55,7 +55,7 @@ from .store import (Lock, clean_leftovers, finished_units, read_results, unit_fi
 __all__ = ["ANCHORS", "EXPERIMENTS_DIR", "SECTIONS", "Config", "ConfigError", "ExperimentError",
            "experiment_units", "finished_units", "icl_vs_gd_summary", "load_config",
            "model_key", "model_specs", "output_dir", "provenance", "read_results",
-           "rebuild_report", "run_experiment", "shard_units", "unit_finished", "write_report"]
+           "rebuild_report", "run_experiment", "shard_units", "stamp_output", "unit_finished", "write_report"]
 
 
 # ------------------------------------------------------------------------------ sections
@@ -376,7 +376,7 @@ def output_dir(config: Config, out: str | Path | None) -> Path:
     return Path(out) if out is not None else Path("runs") / f"{config.name}-{config.digest}"
 
 
-def _write_stamp(out: Path, config: Config) -> None:
+def stamp_output(out: Path, config: Config) -> None:
     """``OUT/config.json``: the validated config, refused when OUT holds another's results."""
     stamp = out / "config.json"
     if stamp.is_file():
@@ -450,7 +450,7 @@ def run_experiment(config: Config, *, model: Any = None, model_name: str | None 
     mine = shard_units(units, *shard) if shard is not None else units
     out.mkdir(parents=True, exist_ok=True)
     with Lock(out, shard):
-        _write_stamp(out, config)
+        stamp_output(out, config)
         cleaned = clean_leftovers(out, [unit_id(sec, u) for sec, u in mine])
         done = {d.name for d in finished_units(out)}
         todo = [(sec, u) for sec, u in mine if unit_id(sec, u) not in done]

@@ -109,7 +109,7 @@ _DTYPES = {
 }
 
 
-def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
@@ -166,7 +166,7 @@ def _sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _gguf_cache_path(gguf: Path) -> Path:
+def gguf_cache_path(gguf: Path) -> Path:
     # Keyed by the GGUF's content, so a different file never reuses another's cache.
     digest = _sha256(gguf)[:16]
     return cache_dir() / "models" / f"{gguf.stem}-{digest}"
@@ -253,7 +253,7 @@ def cached_gguf_dir(gguf: Path | None = None, *, rebuild: bool = False) -> Path:
     """Return the cached Hugging Face directory for ``gguf`` (default: the embedded model),
     building it on first use and rebuilding it if it is partial or corrupt."""
     gguf = Path(gguf) if gguf is not None else embedded_gguf_path()
-    target = _gguf_cache_path(gguf)
+    target = gguf_cache_path(gguf)
     if not rebuild and target.exists():
         try:
             verify_cache(target)
@@ -347,7 +347,7 @@ def load_model(
     Returns the bridge; ``model.tokenizer`` is its tokenizer and ``model.icl_probe_info`` a
     :class:`ModelInfo` saying where it came from.
     """
-    torch_dtype = _resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype)
     dev = _resolve_device(device)
     common = dict(device=dev, dtype=torch_dtype, n_devices=n_devices, device_map=device_map)
 
@@ -365,6 +365,13 @@ def load_model(
         label = getattr(name.config, "_name_or_path", None) or type(name).__name__
         info = ModelInfo("memory", str(label), None, _uses_bos(tokenizer))
         return _bridge(name, tokenizer, info=info, **common)
+
+    if dev.type != "meta":
+        from .plan import check_memory
+
+        if name is None or not str(name).endswith(".gguf") or Path(name).expanduser().is_file():
+            check_memory(name if name is None else str(name), dtype=torch_dtype, device=dev,
+                         device_map=device_map, n_devices=n_devices)
 
     if name is None or str(name).endswith(".gguf"):
         if name is None:
@@ -548,7 +555,7 @@ def tiny_model(
     hf_model, tok = tiny_hf_model(architecture, **sizes)
     info = ModelInfo("memory", f"tiny-{architecture}", None, prepend_bos)
     return _bridge(hf_model, tok, info=info, device=torch.device(device),
-                   dtype=_resolve_dtype(dtype), n_devices=None, device_map=None)
+                   dtype=resolve_dtype(dtype), n_devices=None, device_map=None)
 
 
 def model_info(model: Any) -> ModelInfo:

@@ -145,7 +145,7 @@ class PromptPair:
         raise PromptError(f"prompt kind must be 'icl' or 'zs', got {kind!r}")
 
 
-def _split_template(template: str) -> tuple[str, str, str]:
+def split_template(template: str) -> tuple[str, str, str]:
     """``"Input: {x}\\nOutput: {y}\\n\\n"`` -> (input ``"Input: {x}\\nOutput:"``,
     label prefix ``" "``, separator ``"\\n\\n"``). Whitespace before ``{y}`` moves into the
     label piece, where BPE tokenizers attach it to the label's first token."""
@@ -156,7 +156,7 @@ def _split_template(template: str) -> tuple[str, str, str]:
 
 def label_first_tokens(tokenizer: Any, answers: Sequence[str], template: str) -> list[int]:
     """First token id of each answer as it appears after the template's label prefix."""
-    _, prefix, _ = _split_template(template)
+    _, prefix, _ = split_template(template)
     out = []
     for a in answers:
         ids = tokenizer(prefix + a, add_special_tokens=False).input_ids
@@ -181,7 +181,7 @@ def _candidates(tokenizer: Any, task: Task, gold: str
     (``"full_answer"``); where all first tokens differ, by the first token."""
     answers = task.answers
     first = label_first_tokens(tokenizer, answers, task.template)
-    _, prefix, _ = _split_template(task.template)
+    _, prefix, _ = split_template(task.template)
     full = tuple(tuple(tokenizer(prefix + a, add_special_tokens=False).input_ids)
                  for a in answers)
     if task.is_classification:
@@ -280,7 +280,7 @@ def build_prompt(
         rng.shuffle(perm)
         demo_labels = [demo_labels[i] for i in perm]
 
-    head, label_prefix, sep = _split_template(task.template)
+    head, label_prefix, sep = split_template(task.template)
 
     def tok(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False).input_ids

@@ -79,9 +79,9 @@ IN_RUN_BASELINES = {
 COLLAPSE_STD = 1e-4
 # per-layer intervals (for the figures) of these metrics of the model's own run
 LAYER_CI_METRICS = ("SimAOU_norm", "SimAOU", "SimAM_delta", "Kendall", "weight_cos")
-_ICL_WHAT = ("scores", "attn_out")
+ICL_WHAT = ("scores", "attn_out")
 ZS_BATCH = 32  # zero-shot prompts are short: larger batches cost little memory
-_ZS_WHAT = ("q", "k", "v", "scores", "attn_out")
+ZS_WHAT = ("q", "k", "v", "scores", "attn_out")
 
 
 class CompareError(IclProbeError):
@@ -258,16 +258,16 @@ def _kv_operator(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def _reference_runs(model: Any, pairs: list[PromptPair], protocol: str, position: str) -> _Refs:
     run_pairs = [_at_label(p) for p in pairs] if position == "label" else pairs
-    zs = trace(model, run_pairs, kind="zs", what=_ZS_WHAT, batch_size=ZS_BATCH)
+    zs = trace(model, run_pairs, kind="zs", what=ZS_WHAT, batch_size=ZS_BATCH)
     if protocol == "shared":
-        icl = trace_shared_prefix(model, run_pairs, what=_ICL_WHAT)
+        icl = trace_shared_prefix(model, run_pairs, what=ICL_WHAT)
         demo_pos = pairs[0].spans.demo_indices()
         pre = trace(model, [pairs[0].icl_ids[: int(demo_pos[-1]) + 1]], what=("k", "v"),
                     positions="pred")
         dM = _kv_operator(pre.data["k"][:, 0, demo_pos], pre.data["v"][:, 0, demo_pos])
         dM_icl = [dM] * len(pairs)
     else:
-        icl = trace(model, run_pairs, what=_ICL_WHAT + ("k", "v"))
+        icl = trace(model, run_pairs, what=ICL_WHAT + ("k", "v"))
         dM_icl = []
         for b, p in enumerate(pairs):
             d = p.spans.demo_indices()
@@ -305,12 +305,12 @@ def _evaluate(model: Any, refs: _Refs, fts: list[Any], cfg: FineTuneConfig, *, g
     ZS/ICL runs. ``fts``: one fine-tune (shared protocol) or one per query."""
     pairs = refs.pairs
     if len(fts) == 1:
-        ftr = trace(fts[0].model, pairs, kind="zs", what=_ZS_WHAT, batch_size=ZS_BATCH)
+        ftr = trace(fts[0].model, pairs, kind="zs", what=ZS_WHAT, batch_size=ZS_BATCH)
         ft_of = [(fts[0], ftr, b) for b in range(len(pairs))]
     else:
         ft_of = []
         for b, ft in enumerate(fts):
-            ft_of.append((ft, trace(ft.model, [pairs[b]], kind="zs", what=_ZS_WHAT), 0))
+            ft_of.append((ft, trace(ft.model, [pairs[b]], kind="zs", what=ZS_WHAT), 0))
     zs, icl = refs.zs, refs.icl
     icl_s, zs_s = icl.at_pred("scores"), zs.at_pred("scores")
     icl_h, zs_h = icl.at_pred("attn_out"), zs.at_pred("attn_out")

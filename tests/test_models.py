@@ -58,7 +58,7 @@ def _fake_gguf_cache(tmp_path, monkeypatch):
     """A cache root holding a copy of the embedded model's entry (hard links where possible)."""
     src = models.cached_gguf_dir()
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
-    dst = models._gguf_cache_path(models.embedded_gguf_path())
+    dst = models.gguf_cache_path(models.embedded_gguf_path())
     dst.mkdir(parents=True)
     for f in src.iterdir():
         try:
