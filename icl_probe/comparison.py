@@ -1,5 +1,6 @@
 """ICL against real gradient descent: the field's metrics (docs/science.md, "Comparison
-metrics"), the random-weight baseline models, and Shen et al.'s order sensitivity.
+metrics") and Shen et al.'s order sensitivity (the random-weight baseline models are
+:func:`icl_probe.models.untrained_copy`).
 
 Three runs per query: **ZS** (base model, ZS prompt), **ICL** (base model, ICL prompt) and
 **FT** (the fine-tuned model of :func:`icl_probe.finetune`, ZS prompt). The metric functions
@@ -188,34 +189,6 @@ def same_norm_random(x: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     """A random direction (Gaussian) with the norm of each row of ``x``."""
     r = torch.randn(x.shape, generator=generator, dtype=torch.float64)
     return r / r.norm(dim=-1, keepdim=True) * x.double().norm(dim=-1, keepdim=True)
-
-
-# ------------------------------------------------------------------------------ baselines
-
-
-def untrained_copy(model: Any, keep: str = "none", seed: int = 0) -> Any:
-    """The same architecture with random weights (``keep="none"``), or random weights except
-    the trained embeddings, norms and unembedding (``keep="embeddings"``): Deutch et al.'s
-    baselines. Built from the model's Hugging Face config; the tokenizer is shared."""
-    from .models import ModelInfo, _bridge
-
-    hf = model.original_model
-    cls = type(hf)
-    torch.manual_seed(seed)
-    fresh = cls(hf.config).to(next(hf.parameters()).dtype).eval()
-    if keep == "embeddings":
-        src = {n.replace("._original_component", ""): p for n, p in hf.named_parameters()}
-        with torch.no_grad():
-            for n, p in fresh.named_parameters():
-                if ("embed" in n or "norm" in n or "lm_head" in n or n.endswith("wte.weight")
-                        or ".ln_" in n) and n in src:
-                    p.copy_(src[n])
-    elif keep != "none":
-        raise IclProbeError(f"untrained_copy(keep={keep!r}): expected 'none' or 'embeddings'")
-    label = f"{getattr(model.icl_probe_info, 'label', 'model')}-untrained-{keep}"
-    info = ModelInfo("memory", label, None, model.icl_probe_info.prepend_bos)
-    return _bridge(fresh, model.tokenizer, info=info, device=next(hf.parameters()).device,
-                   dtype=next(hf.parameters()).dtype, n_devices=None, device_map=None)
 
 
 def order_sensitivity_table(model: Any, pair: PromptPair, orderings: int = 10,

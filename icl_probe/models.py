@@ -273,7 +273,7 @@ def _uses_bos(tokenizer: Any) -> bool:
 
 
 def _bridge(hf_model: Any, tokenizer: Any, *, info: ModelInfo, device: torch.device,
-            dtype: torch.dtype, n_devices: int | None, device_map: Any) -> Any:
+            dtype: torch.dtype, dispatched: bool = False) -> Any:
     from transformer_lens.model_bridge import TransformerBridge
 
     from .architectures import check_bridgeable, fill_architectures
@@ -285,14 +285,15 @@ def _bridge(hf_model: Any, tokenizer: Any, *, info: ModelInfo, device: torch.dev
     # The bridge reimplements attention eagerly (that is where hook_attn_scores and
     # hook_pattern fire); the HF model is set to eager so that both paths agree.
     hf_model.config._attn_implementation = "eager"
-    if device_map is None and n_devices in (None, 1):
+    if not dispatched:  # a device map placed the weights already (accelerate)
         hf_model = hf_model.to(device=device, dtype=dtype)
     # TransformerLens re-creates the tokenizer from init_kwargs["name_or_path"] unless it
     # already adds BOS; a tokenizer built in memory has no such path, so say it does.
     tokenizer.init_kwargs.setdefault("name_or_path", info.label)
+    # with a device map, the bridge reads each module's device from hf_device_map
     bridge = TransformerBridge.boot_transformers(
-        info.label, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype,
-        n_devices=n_devices, device_map=device_map,
+        info.label, hf_model=hf_model, tokenizer=tokenizer,
+        device=None if dispatched else device, dtype=dtype,
     )
     bridge.eval()
     bridge.icl_probe_info = info
@@ -304,7 +305,8 @@ def _offline() -> bool:
 
 
 def _from_hf_directory(path_or_id: str, *, dtype: torch.dtype, device_map: Any,
-                       trust_remote_code: bool, revision: str | None) -> tuple[Any, Any]:
+                       trust_remote_code: bool, revision: str | None,
+                       max_memory: Any = None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
@@ -313,10 +315,29 @@ def _from_hf_directory(path_or_id: str, *, dtype: torch.dtype, device_map: Any,
     if revision is not None:
         kwargs["revision"] = revision
     tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kwargs)
+    if max_memory is not None:
+        kwargs["max_memory"] = max_memory
     hf_model = AutoModelForCausalLM.from_pretrained(
         path_or_id, dtype=dtype, device_map=device_map, attn_implementation="eager", **kwargs
     )
     return hf_model, tokenizer
+
+
+def _device_map(device_map: Any, n_devices: int | None) -> tuple[Any, Any]:
+    """``(device_map, max_memory)`` for ``from_pretrained``: ``n_devices > 1`` becomes
+    accelerate's balanced split over that many GPUs (TransformerLens's own resolution);
+    ``(None, None)`` loads onto one device."""
+    if device_map is None and (n_devices is None or n_devices <= 1):
+        return None, None
+    if n_devices is not None and (not isinstance(n_devices, int) or n_devices < 1):
+        raise ModelLoadError(f"load_model(n_devices={n_devices!r}): expected an integer >= 1")
+    from transformer_lens.utilities.multi_gpu import resolve_device_map
+
+    try:
+        return resolve_device_map(n_devices, device_map, None, None)
+    except ValueError as e:
+        raise ModelLoadError(f"load_model(device_map={device_map!r}, n_devices={n_devices!r}): "
+                             f"{e}; available here: {', '.join(available_devices())}") from None
 
 
 def load_model(
@@ -349,7 +370,8 @@ def load_model(
     """
     torch_dtype = resolve_dtype(dtype)
     dev = _resolve_device(device)
-    common = dict(device=dev, dtype=torch_dtype, n_devices=n_devices, device_map=device_map)
+    hf_map, max_memory = _device_map(device_map, n_devices)
+    common = dict(device=dev, dtype=torch_dtype, dispatched=hf_map is not None)
 
     if name is not None and not isinstance(name, (str, os.PathLike)):
         if not hasattr(name, "config") or not callable(getattr(name, "forward", None)):
@@ -357,6 +379,11 @@ def load_model(
                 f"load_model(): got a {type(name).__name__}, expected None, a name, a path, "
                 "or a transformers causal LM (e.g. AutoModelForCausalLM.from_pretrained(...))"
             )
+        if hf_map is not None:
+            raise ModelLoadError(
+                "load_model(hf_model, device_map=...): a model in memory is already placed; "
+                "load it with AutoModelForCausalLM.from_pretrained(..., device_map=...) and "
+                "pass it without device_map")
         if tokenizer is None:
             raise ModelLoadError(
                 "load_model(): a model object needs its tokenizer: "
@@ -388,7 +415,7 @@ def load_model(
                     "b'GGUF'); pass a real .gguf, or a Hugging Face directory")
         directory = cached_gguf_dir(gguf)
         hf_model, tok = _from_hf_directory(
-            str(directory), dtype=torch_dtype, device_map=device_map,
+            str(directory), dtype=torch_dtype, device_map=hf_map, max_memory=max_memory,
             trust_remote_code=False, revision=None,
         )
         info = ModelInfo(source, label, str(gguf), _uses_bos(tok))
@@ -410,7 +437,8 @@ def load_model(
         source, label = "hf", name
     try:
         hf_model, tok = _from_hf_directory(
-            name if source == "hf" else str(path), dtype=torch_dtype, device_map=device_map,
+            name if source == "hf" else str(path), dtype=torch_dtype, device_map=hf_map,
+            max_memory=max_memory,
             trust_remote_code=trust_remote_code, revision=revision,
         )
     except OSError as e:
@@ -555,7 +583,36 @@ def tiny_model(
     hf_model, tok = tiny_hf_model(architecture, **sizes)
     info = ModelInfo("memory", f"tiny-{architecture}", None, prepend_bos)
     return _bridge(hf_model, tok, info=info, device=torch.device(device),
-                   dtype=resolve_dtype(dtype), n_devices=None, device_map=None)
+                   dtype=resolve_dtype(dtype))
+
+
+def untrained_copy(model: Any, keep: str = "none", seed: int = 0) -> Any:
+    """The same architecture with random weights (``keep="none"``), or random weights except
+    the trained embeddings, norms and unembedding (``keep="embeddings"``): Deutch et al.'s
+    baselines. Built from the model's Hugging Face config (seeded); the tokenizer is shared.
+    ``model`` is a model of :func:`load_model` or :func:`tiny_model`."""
+    if keep not in ("none", "embeddings"):
+        raise ModelLoadError(f"untrained_copy(keep={keep!r}): expected 'none' or 'embeddings'")
+    hf = getattr(model, "original_model", None)
+    info = getattr(model, "icl_probe_info", None)
+    if hf is None or info is None or not hasattr(hf, "config"):
+        raise ModelLoadError(
+            f"untrained_copy(): got a {type(model).__name__} without the Hugging Face model and "
+            "origin a bridge of load_model() carries; load it with icl_probe.load_model(...)")
+    param = next(hf.parameters())
+    torch.manual_seed(seed)
+    fresh = type(hf)(hf.config).to(param.dtype).eval()
+    if keep == "embeddings":
+        src = {n.replace("._original_component", ""): p for n, p in hf.named_parameters()}
+        with torch.no_grad():
+            for n, p in fresh.named_parameters():
+                if ("embed" in n or "norm" in n or "lm_head" in n or n.endswith("wte.weight")
+                        or ".ln_" in n) and n in src:
+                    p.copy_(src[n])
+    label = f"{info.label}-untrained-{keep}"
+    return _bridge(fresh, model.tokenizer, info=ModelInfo("memory", label, None,
+                                                          info.prepend_bos),
+                   device=param.device, dtype=param.dtype)
 
 
 def model_info(model: Any) -> ModelInfo:

@@ -53,6 +53,7 @@ from . import comparison as M
 from . import stats
 from .errors import IclProbeError
 from .hooks import trace
+from .models import untrained_copy
 from .prefix import trace_shared_prefix
 from .scoring import predictions
 from .prompts import PromptPair, Spans, build_prompt
@@ -470,7 +471,7 @@ class Comparison:
                 raise CompareError(f"baseline {run!r}: expected one of {BASELINES} or a name "
                                    "given in baseline_models")
             keep = "none" if run == "untrained" else "embeddings"
-            self.models[run] = M.untrained_copy(self.model, keep, seed=self.model_seed)
+            self.models[run] = untrained_copy(self.model, keep, seed=self.model_seed)
         return self.models[run]
 
     def pairs(self, run: str, seed: int, split: str) -> list[PromptPair]:

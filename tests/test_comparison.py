@@ -154,8 +154,8 @@ def test_untrained_copies_keep_what_they_say():
     names = {n.replace("._original_component", ""): p for n, p in tiny.named_parameters()}
     with torch.no_grad():
         names[norm].mul_(1.5)  # a "trained" norm, unlike a fresh model's ones
-    fresh = C.untrained_copy(tiny, "none", seed=1)
-    emb = C.untrained_copy(tiny, "embeddings", seed=1)
+    fresh = ip.models.untrained_copy(tiny, "none", seed=1)
+    emb = ip.models.untrained_copy(tiny, "embeddings", seed=1)
     assert not torch.equal(fresh.W_Q, tiny.W_Q) and not torch.equal(fresh.W_E, tiny.W_E)
     assert torch.equal(emb.W_E, tiny.W_E) and torch.equal(emb.W_U, tiny.W_U)
     assert torch.equal(emb.W_Q, fresh.W_Q)  # attention stays random

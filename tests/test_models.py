@@ -134,3 +134,27 @@ def test_bad_arguments():
     (p := __import__("pathlib").Path("/tmp/icl_probe_not_a_model")).mkdir(exist_ok=True)
     with pytest.raises(ip.ModelLoadError, match="no config.json"):
         ip.load_model(str(p))
+    with pytest.raises(ip.ModelLoadError, match="n_devices=2.*requires CUDA|n_devices=2.*CUDA"):
+        ip.load_model(str(p), n_devices=2) if not torch.cuda.is_available() else pytest.skip()
+
+
+def test_device_map_loads_through_accelerate_and_traces_like_one_device(tmp_path):
+    hf, tok = models.tiny_hf_model(seed=4, n_layers=3)
+    hf.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    one = ip.load_model(str(tmp_path / "m"), device="cpu")
+    mapped = ip.load_model(str(tmp_path / "m"), device_map="auto")  # accelerate's placement
+    pairs = ip.build_prompts(one, "capital", range(2), k=2)
+    a, b = ip.trace(one, pairs), ip.trace(mapped, pairs)
+    for name in a.data:
+        assert torch.equal(a.data[name], b.data[name]), name
+    assert torch.equal(a.logits, b.logits)
+    with pytest.raises(ip.ModelLoadError, match="already placed"):
+        ip.load_model(hf, tokenizer=tok, device_map="auto")
+
+
+def test_untrained_copy_of_something_else_is_a_clear_error():
+    with pytest.raises(ip.ModelLoadError, match="load it with icl_probe.load_model"):
+        models.untrained_copy(torch.nn.Linear(2, 2))
+    with pytest.raises(ip.ModelLoadError, match="expected 'none' or 'embeddings'"):
+        models.untrained_copy(ip.tiny_model(), keep="all")
