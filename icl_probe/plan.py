@@ -304,7 +304,8 @@ class Plan:
                 "baseline models the config runs, a copy each)",
                 f"  fine-tune / unit   {m['finetune_gb']:8.2f} GB  ({m['finetune_note']})",
                 f"  traces / unit      {m['traces_gb']:8.2f} GB  ({m['traces_note']})",
-                f"  per process, about {m['total_gb']:8.2f} GB (weights + fine-tune + traces)",
+                f"  one process, peak  {m['process_gb']:8.2f} GB  (weights + a fine-tune + the "
+                "records it keeps for reuse, running every unit of this model)",
             ]
         lines += ["", *[f"note: {n}" for n in self.notes]]
         return "\n".join(lines)
@@ -360,8 +361,16 @@ def _byte_estimate(tasks: Iterable[str], k: int) -> tuple[int, int, int, int, st
 
 
 def plan(config: Config, *, model_name: str | None = None, dtype: str | None = None) -> Plan:
-    """Parameters and memory per model, and units, of ``config`` without loading weights."""
-    from .experiments import experiment_units, model_specs
+    """Parameters and memory per model, and units, of ``config`` without loading weights.
+
+    Per model: ``weights_gb`` (the model, plus a copy for each random-weight baseline model
+    the config runs), ``finetune_gb`` (one fine-tune), ``traces_gb`` (what one unit traces)
+    and ``process_gb``: what a process running every unit of the model holds at its peak.
+    An ``icl_vs_gd`` process keeps the zero-shot and ICL records of every (task, seed,
+    variant) it has run, so that later units reuse them; a shard holding fewer tasks holds
+    proportionally less."""
+    from .experiments import MODEL_FREE, experiment_units, model_specs
+    from .hooks import QUANTITIES
     from .protocol import ICL_WHAT, ZS_WHAT
 
     exp = config.section("experiment")
@@ -373,11 +382,17 @@ def plan(config: Config, *, model_name: str | None = None, dtype: str | None = N
     for sec, _ in units:
         counts[sec] = counts.get(sec, 0) + 1
     counts["total"] = len(units)
+    uses_model = any(sec not in MODEL_FREE for sec in config.sections)
     rows, notes = [], []
     for key, spec in specs.items():
+        if not uses_model:
+            notes.append("no section of this config uses the language model (it is not loaded)")
+            break
         shape = model_shape(spec, key, tokenizer=True)
-        ft = traces = 0
+        ft = traces = held = 0
         ft_note, tr_note = "no fine-tuning section", "no traced section"
+        weights = shape.n_params * b
+        stack = 4 * attention_weight_count(shape)  # W_Q, W_K, W_V, W_O stacked in float32
         how = ""
         if "icl_vs_gd" in config.sections:
             s = config.section("icl_vs_gd")
@@ -387,40 +402,50 @@ def plan(config: Config, *, model_name: str | None = None, dtype: str | None = N
             # every method but "batch" steps on one demonstration at a time
             ft_tokens = demos if "batch" in s["methods"] else one
             ft = finetune_bytes(shape, trainable_count(shape, s["params"]), ft_tokens, b, opt)
-            # the ICL and ZS records of test + dev queries, one fine-tuned ZS record, the
-            # demonstration prefix's k and v (docs/protocol.md, Cost); the attention weights
-            # stacked once for the model and once for the fine-tuned model (float32), or
-            # widened once per record (half precision)
-            stacks = 2 if b == 4 else 4
-            traces = (record_bytes(shape, ICL_WHAT, n, icl, weights=False)
-                      + record_bytes(shape, ZS_WHAT, n, zs, weights=False)
-                      + record_bytes(shape, ZS_WHAT, s["queries"], zs, weights=False)
-                      + record_bytes(shape, ("k", "v"), 1, demos, logits=False, weights=False)
-                      + 4 * stacks * attention_weight_count(shape))
             ft_note = (f"params {s['params']!r}: {trainable_count(shape, s['params']):,} trained, "
                        f"{'Adam' if opt else 'SGD'}, backward over {ft_tokens} tokens")
-            tr_note = f"{n} queries, ICL prompts up to {icl} tokens"
+            # per (task, seed, variant): the ICL and ZS records of test + dev queries and the
+            # demonstration prefix's k and v (docs/protocol.md, Cost); per unit, one more ZS
+            # record of the fine-tuned model, with its own stack of attention weights
+            refs = (record_bytes(shape, ICL_WHAT, n, icl, weights=False)
+                    + record_bytes(shape, ZS_WHAT, n, zs, weights=False)
+                    + record_bytes(shape, ("k", "v"), 1, demos, logits=False, weights=False))
+            ft_rec = record_bytes(shape, ZS_WHAT, s["queries"], zs, weights=False)
+            models = {"untrained", "embeddings_only"} & set(s["baselines"])
+            variants = 1 + len({"shuffled_labels"} & set(s["baselines"])) + len(models)
+            weights *= 1 + len(models)
+            # float32 models share one cached stack per model; half-precision records widen
+            # the weights into a stack of their own each
+            stacks = (1 + len(models) + 1) if b == 4 else (2 * variants + 1)
+            traces = refs + ft_rec + (2 if b == 4 else 3) * stack
+            held = len(s["tasks"]) * len(s["seeds"]) * variants * refs + ft_rec + stacks * stack
+            tr_note = (f"{n} queries, ICL prompts up to {icl} tokens; a process holds "
+                       f"{len(s['tasks'])} tasks x {len(s['seeds'])} seeds x {variants} variants "
+                       "of reference records")
         for sec in ("implied_updates", "real_heads"):
             if sec in config.sections:
                 s = config.section(sec)
                 icl, _, _, _, how = _prompt_tokens(shape, s["tasks"], s["k"])
-                from .hooks import QUANTITIES
-
                 t = record_bytes(shape, QUANTITIES, s["prompts"], icl)
                 if t > traces:
                     traces, tr_note = t, f"{sec}: {s['prompts']} prompts of up to {icl} tokens"
+                held = max(held, t)
+        if "order_sensitivity" in config.sections:
+            s = config.section("order_sensitivity")
+            _, _, demos, one, how = _prompt_tokens(shape, s["tasks"], max(s["n_demos"]))
+            opt = 2 if "adam" in s["methods"] else 0
+            t = finetune_bytes(shape, trainable_count(shape, "kv"),
+                               demos if "batch" in s["methods"] else one, b, opt)
+            if t > ft:
+                ft, ft_note = t, f"order_sensitivity: {'Adam' if opt else 'SGD'} on k and v"
         if how:
             notes.append(f"{key}: prompt lengths {how}")
-        weights = shape.n_params * b
-        if "icl_vs_gd" in config.sections:  # random-weight baseline models: a copy each
-            extra = {"untrained", "embeddings_only"} & set(config.section("icl_vs_gd")
-                                                           ["baselines"])
-            weights *= 1 + len(extra)
         rows.append({**{k: v for k, v in asdict(shape).items() if k != "tokenizer"},
                      "weights_gb": weights / GB, "finetune_gb": ft / GB, "traces_gb": traces / GB,
-                     "total_gb": (weights + ft + traces) / GB, "finetune_note": ft_note,
+                     "process_gb": (weights + ft + held) / GB, "finetune_note": ft_note,
                      "traces_note": tr_note})
     notes.append("parameter counts are exact (meta device); fine-tuning activations are an "
-                 "upper bound; run one unit and read its peak memory before a large request")
+                 "upper bound; add about 1.5 GB per process for Python, torch and "
+                 "transformers themselves; run one shard and read its peak memory before a "
+                 "large request")
     return Plan(config.name, str(_resolve(dtype)).replace("torch.", ""), rows, counts, notes)
-
