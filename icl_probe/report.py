@@ -61,10 +61,12 @@ def _figures(section: str, tabs: dict[str, pd.DataFrame]) -> list:
         if t is not None:
             d = t[t.quantity.isin(["mlp_dW_gate_norm", "mlp_dW_gate_step"])]
             d = d.groupby(["n_demos", "quantity"], as_index=False).value.mean()
-            figs.append(px.line(d, x="n_demos", y="value", color="quantity", markers=True, log_y=True,
-                                title="Rank-1 MLP update vs demonstrations (mean over layers)"))
+            figs.append(px.line(d, x="n_demos", y="value", color="quantity", markers=True,
+                                log_y=True, title="Rank-1 MLP update vs demonstrations (mean "
+                                "over layers)"))
     if section == "order_sensitivity" and "order_sensitivity" in tabs:
-        d = tabs["order_sensitivity"].groupby(["n_demos", "run"], as_index=False).order_sensitivity.mean()
+        d = tabs["order_sensitivity"].groupby(["n_demos", "run"],
+                                              as_index=False).order_sensitivity.mean()
         figs.append(px.line(d, x="n_demos", y="order_sensitivity", color="run", markers=True,
                             title="Order sensitivity (std of p(output) across orderings)"))
     if section == "linear_attention":
@@ -217,18 +219,23 @@ class _HtmlTable:
         self.groups = groups
 
     def to_html(self, border: int = 0, na_rep: str = "") -> str:
-        top = ""
+        top, starts = "", set()
         if self.groups:
             top = "<tr><th></th>" + "".join(
-                f"<th colspan={n} class=group>{html.escape(name)}</th>"
+                f"<th colspan={n} class='group gstart'>{html.escape(name)}</th>"
                 for name, n in self.groups) + "</tr>"
-        head = "<tr><th></th>" + "".join(f"<th>{html.escape(str(c))}</th>"
-                                         for c in self.df.columns) + "</tr>"
+            starts = set(np.cumsum([0] + [n for _, n in self.groups])[:-1].tolist())
+
+        def cls(j: int) -> str:
+            return " class=gstart" if j in starts else ""
+
+        head = "<tr><th></th>" + "".join(f"<th{cls(j)}>{html.escape(str(c))}</th>"
+                                         for j, c in enumerate(self.df.columns)) + "</tr>"
         body = "".join("<tr><td class=metric>" + html.escape(str(i)) + "</td>" +
-                       "".join(f"<td>{_verdict_html('' if pd.isna(v) else v)}</td>"
-                               for v in row) + "</tr>"
+                       "".join(f"<td{cls(j)}>{_verdict_html('' if pd.isna(v) else v)}</td>"
+                               for j, v in enumerate(row)) + "</tr>"
                        for i, row in zip(self.df.index, self.df.itertuples(index=False)))
-        return f"<table>{top}{head}{body}</table>"
+        return f"<div class=wide><table>{top}{head}{body}</table></div>"
 
 
 def _icl_vs_gd_figures(tabs: dict[str, pd.DataFrame]) -> list:
@@ -264,7 +271,9 @@ def _icl_vs_gd_figures(tabs: dict[str, pd.DataFrame]) -> list:
     s = tabs["summary"]
     s = s[(s.layer >= 0) & s.selected.astype(bool) & (s.kind != "difference")]
     for metric in ("SimAOU_norm", "SimAOU", "SimAM_delta", "Kendall", "weight_cos"):
-        d = s[s.metric == metric]
+        # ours, each baseline run, and the in-run baselines (random update, uniform vector)
+        # of ours only: a baseline run's own in-run baselines are not drawn
+        d = s[(s.metric == metric) & ((s.baseline == "") | (s.run == "model"))]
         if d.empty:
             continue
         figs.append(_per_layer_figure(metric, d.assign(
@@ -303,13 +312,13 @@ def _per_layer_figure(metric: str, d: pd.DataFrame) -> Any:
                 if line == "model" and h.ci_low.notna().any():
                     fig.add_trace(go.Scatter(
                         x=list(h.layer) + list(h.layer)[::-1],
-                        y=list(h.ci_high) + list(h.ci_low)[::-1], fill="toself",
+                        y=list(h.ci_high) + list(h.ci_low)[::-1], fill="toself", mode="lines",
                         fillcolor="rgba(26,26,26,0.15)", line=dict(width=0), hoverinfo="skip",
                         showlegend=False), row=i, col=j)
+                width = 3 if line == "model" else 1.2
                 fig.add_trace(go.Scatter(x=h.layer, y=h.value, mode="lines", name=name,
                                          legendgroup=name, showlegend=name not in shown,
-                                         line=dict(color=colour, width=3 if line == "model" else 1.2)),
-                              row=i, col=j)
+                                         line=dict(color=colour, width=width)), row=i, col=j)
                 shown.add(name)
     fig.update_layout(title=f"{metric} per layer at the selected rate: ours (95 % band) beside "
                             "its baselines", height=320 * len(tasks) + 80)
@@ -385,6 +394,7 @@ def write_report(config: Config, out: Path, *, missing: int = 0) -> Path:
              "table{border-collapse:collapse;font-size:13px}td,th{padding:2px 8px;"
              "border-bottom:1px solid #ddd;text-align:right}"
              "th.group{text-align:center;border-bottom:2px solid #555}"
+             ".gstart{border-left:2px solid #555}div.wide{overflow-x:auto}"
              ".beats{color:#0a7a28;font-weight:600}.below{color:#b3261e}.nd{color:#777}"
              ".partial{background:#fff4e5;padding:6px;border-left:4px solid #e8710a}"
              "h3.model{border-top:2px solid #555;padding-top:8px}"
