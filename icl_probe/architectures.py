@@ -46,6 +46,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any
 
+import einops
 import torch
 
 from .errors import IclProbeError, ModelLoadError, TraceError
@@ -366,7 +367,8 @@ def attention_scores(spec: AttentionSpec, layer: int, q: torch.Tensor, k: torch.
     with ``allowed`` from :func:`allowed_keys`; masked keys are -inf. Computed in the dtype the
     model computes them in (``spec.score_dtype``), returned in ``q``'s dtype."""
     dt = spec.score_dtype or q.dtype
-    s = torch.einsum("bphd,bkhd->bphk", q.to(dt), k.to(dt)) * spec.scale[layer]
+    s = einops.einsum(q.to(dt), k.to(dt), "batch pos head d_head, batch key_pos head d_head -> "
+                      "batch pos head key_pos") * spec.scale[layer]
     cap = spec.softcap[layer]
     if cap is not None:
         s = torch.tanh(s / cap) * cap

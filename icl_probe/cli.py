@@ -172,9 +172,9 @@ def _run(args: argparse.Namespace) -> int:
     for path, config in zip(paths, configs):
         out = output_dir(config, Path(args.out) / path.stem if args.out and args.all
                          else args.out)
-        cluster = config.section("cluster")
-        launcher = args.launcher or cluster["launcher"]
-        jobs = args.jobs or cluster["jobs"]
+        cluster = config.settings("cluster")
+        launcher = args.launcher or cluster.launcher
+        jobs = args.jobs or cluster.jobs
         kw = dict(model_name=args.model, device=args.device, dtype=args.dtype,
                   device_map=args.device_map, n_devices=args.n_devices)
         try:
@@ -184,9 +184,9 @@ def _run(args: argparse.Namespace) -> int:
                 from .launch import launch
 
                 slurm = {k: getattr(args, k) if getattr(args, k, None) is not None
-                         else cluster[k] for k in ("partition", "gpus_per_task",
-                                                   "cpus_per_task", "mem_gb", "time")}
-                slurm["sbatch"] = cluster["sbatch"]
+                         else getattr(cluster, k) for k in ("partition", "gpus_per_task",
+                                                            "cpus_per_task", "mem_gb", "time")}
+                slurm["sbatch"] = cluster.sbatch
                 launch(config, out=out, launcher=launcher, jobs=jobs, slurm=slurm,
                        wait=args.wait, **kw)
         except KeyboardInterrupt:

@@ -23,7 +23,8 @@ import difflib
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+import copy
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -176,56 +177,165 @@ SECTION_NAMES = ("icl_vs_gd", "implied_updates", "order_sensitivity", "linear_at
                  "real_heads")
 
 
-def _icl_vs_gd_checks() -> dict[str, tuple[Callable, Any]]:
-    from .gd import LOSS_TOKENS, METHODS
-    from .protocol import BASELINES, POSITIONS, PROTOCOLS
+def _setting(check: Callable, default: Any = None, factory: Callable | None = None) -> Any:
+    """A config key: its check (value, where) -> value, and its default."""
+    if factory is None and isinstance(default, (list, dict)):
+        factory = (lambda d: lambda: copy.deepcopy(d))(default)
+    if factory is not None:
+        return field(default_factory=factory, metadata={"check": check})
+    return field(default=default, metadata={"check": check})
 
-    return {
-        "tasks": (_list(_task), ["sentiment"]),
-        "k": (_int(1), 32),
-        "queries": (_int(1), 32),
-        "dev_queries": (_int(1), 16),
-        "seeds": (_list(_int(0)), [0]),
-        "lrs": (_lrs_by_method, [1e-3]),
-        "methods": (_list(_choice(*METHODS)), ["dai"]),
-        "params": (_str, "kv"),
-        "loss_tokens": (_choice(*LOSS_TOKENS), "demo"),
-        "baselines": (_list(_choice(*BASELINES), nonempty=False), list(BASELINES)),
-        "protocol": (_choice(*PROTOCOLS), "shared"),
-        "position": (_choice(*POSITIONS), "pred"),
-        "balanced": (_bool, False),
-    }
+
+def _methods(v: Any, where: str) -> list[str]:
+    from .gd import METHODS
+
+    return _list(_choice(*METHODS))(v, where)
+
+
+def _loss_tokens(v: Any, where: str) -> str:
+    from .gd import LOSS_TOKENS
+
+    return _choice(*LOSS_TOKENS)(v, where)
+
+
+def _baselines(v: Any, where: str) -> list[str]:
+    from .protocol import BASELINES
+
+    return _list(_choice(*BASELINES), nonempty=False)(v, where)
+
+
+def _all_baselines() -> list[str]:
+    from .protocol import BASELINES
+
+    return list(BASELINES)
+
+
+def _protocol(v: Any, where: str) -> str:
+    from .protocol import PROTOCOLS
+
+    return _choice(*PROTOCOLS)(v, where)
+
+
+def _position(v: Any, where: str) -> str:
+    from .protocol import POSITIONS
+
+    return _choice(*POSITIONS)(v, where)
+
+
+@dataclass(frozen=True)
+class ExperimentTable:
+    """``[experiment]``: what runs, and on which models."""
+
+    name: str | None = _setting(_str)
+    sections: list[str] | None = _setting(_sections)
+    model: str | None = _setting(_model)
+    models: list[str] | None = _setting(_list(_model))
+    device: str | None = _setting(_str)
+    dtype: str | None = _setting(_str)
+    device_map: str | None = _setting(_device_map)
+    n_devices: int | None = _setting(_int(1))
+
+
+@dataclass(frozen=True)
+class ClusterTable:
+    """``[cluster]``: where the units run (``icl-probe run --launcher ...``; docs/cluster.md).
+    Not part of the results, so left out of the config digest."""
+
+    launcher: str = _setting(_choice(*LAUNCHERS), "serial")
+    jobs: int = _setting(_int(1), 1)
+    partition: str | None = _setting(_str)
+    gpus_per_task: int | None = _setting(_int(0))
+    cpus_per_task: int | None = _setting(_int(1))
+    mem_gb: int | None = _setting(_int(1))
+    time: int = _setting(parse_time, 240)
+    sbatch: dict = _setting(_extra, {})
+
+
+@dataclass(frozen=True)
+class IclVsGdSection:
+    """``[icl_vs_gd]``: ICL against fine-tuning under the anchors' protocol
+    (docs/protocol.md)."""
+
+    tasks: list[str] = _setting(_list(_task), ["sentiment"])
+    k: int = _setting(_int(1), 32)
+    queries: int = _setting(_int(1), 32)
+    dev_queries: int = _setting(_int(1), 16)
+    seeds: list[int] = _setting(_list(_int(0)), [0])
+    lrs: Any = _setting(_lrs_by_method, [1e-3])
+    methods: list[str] = _setting(_methods, ["dai"])
+    params: str = _setting(_str, "kv")
+    loss_tokens: str = _setting(_loss_tokens, "demo")
+    baselines: list[str] = _setting(_baselines, factory=_all_baselines)
+    protocol: str = _setting(_protocol, "shared")
+    position: str = _setting(_position, "pred")
+    balanced: bool = _setting(_bool, False)
+
+
+@dataclass(frozen=True)
+class ImpliedUpdatesSection:
+    """``[implied_updates]``: the probes on every layer and head, with their identities."""
+
+    tasks: list[str] = _setting(_list(_task), ["capital"])
+    k: int = _setting(_int(1), 8)
+    prompts: int = _setting(_int(1), 8)
+    verify_prompts: int = _setting(_int(1), 2)
+    trajectory_query: int = _setting(_int(0), 0)
+    seeds: list[int] = _setting(_list(_int(0)), [0])
+
+
+@dataclass(frozen=True)
+class OrderSensitivitySection:
+    """``[order_sensitivity]``: Shen et al.'s orderings, ICL against GD variants."""
+
+    tasks: list[str] = _setting(_list(_task), ["sentiment"])
+    n_demos: list[int] = _setting(_list(_int(1)), [1, 2, 4, 8])
+    lrs: list[float] = _setting(_list(_rate), [1e-3])
+    orderings: int = _setting(_int(2), 10)
+    queries: int = _setting(_int(1), 4)
+    methods: list[str] = _setting(_list(_ft_method), ["dai", "batch", "adam"])
+
+
+@dataclass(frozen=True)
+class LinearAttentionSection:
+    """``[linear_attention]``: von Oswald et al. on synthetic regression (no language
+    model)."""
+
+    seeds: list[int] = _setting(_list(_int(0)), [0])
+    line_search_tasks: int = _setting(_int(1), 10_000)
+    eigen_tasks: int = _setting(_int(1), 10_000)
+    steps: int = _setting(_int(1), 1000)
+    batch_size: int = _setting(_int(1), 2048)
+    eval_every: int = _setting(_int(1), 100)
+
+
+@dataclass(frozen=True)
+class RealHeadsSection:
+    """``[real_heads]``: the dual form's requirements checked on the model's heads."""
+
+    tasks: list[str] = _setting(_list(_task), ["capital"])
+    prompts: int = _setting(_int(1), 4)
+    k: int = _setting(_int(1), 8)
+
+
+TABLES: dict[str, type] = {
+    "experiment": ExperimentTable, "cluster": ClusterTable, "icl_vs_gd": IclVsGdSection,
+    "implied_updates": ImpliedUpdatesSection, "order_sensitivity": OrderSensitivitySection,
+    "linear_attention": LinearAttentionSection, "real_heads": RealHeadsSection}
+
+
+def _default(f: Any) -> Any:
+    return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
 def schema() -> dict[str, dict[str, tuple[Callable, Any]]]:
-    """Every table a config may hold: key -> (check, default)."""
-    return {
-        "experiment": {"name": (_str, None), "sections": (_sections, None),
-                       "model": (_model, None), "models": (_list(_model), None),
-                       "device": (_str, None), "dtype": (_str, None),
-                       "device_map": (_device_map, None), "n_devices": (_int(1), None)},
-        # where the units run (icl-probe run --launcher ...): not part of the results, so
-        # left out of the config digest
-        "cluster": {"launcher": (_choice(*LAUNCHERS), "serial"), "jobs": (_int(1), 1),
-                    "partition": (_str, None), "gpus_per_task": (_int(0), None),
-                    "cpus_per_task": (_int(1), None), "mem_gb": (_int(1), None),
-                    "time": (parse_time, 240), "sbatch": (_extra, {})},
-        "icl_vs_gd": _icl_vs_gd_checks(),
-        "implied_updates": {"tasks": (_list(_task), ["capital"]), "k": (_int(1), 8),
-                            "prompts": (_int(1), 8), "verify_prompts": (_int(1), 2),
-                            "trajectory_query": (_int(0), 0), "seeds": (_list(_int(0)), [0])},
-        "order_sensitivity": {"tasks": (_list(_task), ["sentiment"]),
-                              "n_demos": (_list(_int(1)), [1, 2, 4, 8]),
-                              "lrs": (_list(_rate), [1e-3]), "orderings": (_int(2), 10),
-                              "queries": (_int(1), 4),
-                              "methods": (_list(_ft_method), ["dai", "batch", "adam"])},
-        "linear_attention": {"seeds": (_list(_int(0)), [0]),
-                             "line_search_tasks": (_int(1), 10_000),
-                             "eigen_tasks": (_int(1), 10_000), "steps": (_int(1), 1000),
-                             "batch_size": (_int(1), 2048), "eval_every": (_int(1), 100)},
-        "real_heads": {"tasks": (_list(_task), ["capital"]), "prompts": (_int(1), 4),
-                       "k": (_int(1), 8)},
-    }
+    """Every table a config may hold: key -> (check, default), from :data:`TABLES`."""
+    return {t: {f.name: (f.metadata["check"], _default(f)) for f in fields(cls)}
+            for t, cls in TABLES.items()}
+
+
+def settings(table: str, values: dict) -> Any:
+    """``values`` of ``[table]`` as that table's frozen dataclass (defaults filled in)."""
+    return TABLES[table](**with_defaults(table, values))
 
 
 def with_defaults(table: str, values: dict) -> dict:
@@ -316,7 +426,12 @@ class Config:
         return list(exp["models"]) if exp.get("models") else [exp.get("model")]
 
     def section(self, name: str) -> dict:
+        """``[name]`` as a dict (defaults filled in)."""
         return dict(self.body.get(name, {}))
+
+    def settings(self, name: str) -> Any:
+        """``[name]`` as its frozen dataclass (:data:`TABLES`)."""
+        return settings(name, self.body.get(name, {}))
 
     @classmethod
     def from_dict(cls, body: dict, name: str = "experiment", path: str | None = None) -> "Config":

@@ -46,7 +46,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .config import EXPERIMENTS_DIR, Config, load_config, with_defaults
+from .config import (EXPERIMENTS_DIR, Config, IclVsGdSection, ImpliedUpdatesSection,
+                     LinearAttentionSection, OrderSensitivitySection, RealHeadsSection,
+                     load_config)
 from .errors import ConfigError, ExperimentError
 from .report import ANCHORS, icl_vs_gd_summary, write_report
 from .store import (Lock, clean_leftovers, finished_units, read_results, unit_finished, unit_id,
@@ -59,65 +61,65 @@ __all__ = ["ANCHORS", "EXPERIMENTS_DIR", "SECTIONS", "Config", "ConfigError", "E
 
 
 # ------------------------------------------------------------------------------ sections
-# Each section: units(config) -> list of unit dicts; run(model, unit) -> {table: DataFrame}.
+# Each section: units(settings) -> list of unit dicts; run(model, unit, settings, ctx) ->
+# {table: DataFrame}; settings is the section's frozen dataclass (icl_probe.config).
 
 
 
 
-def _icl_vs_gd_units(s: dict) -> list[dict]:
+def _icl_vs_gd_units(c: IclVsGdSection) -> list[dict]:
     """Stage 1: every (task, seed, method, lr) on the model itself, dev and test queries.
     Stage 2: every baseline run at the rate stage 1 selected (read from the finished stage-1
     units when the unit runs)."""
     from .protocol import lr_grid
 
-    c = with_defaults("icl_vs_gd", s)
-    grid = lr_grid(c["lrs"], c["methods"])
-    sweep = [dict(stage="sweep", task=t, seed=seed, method=m, lr=lr) for t in c["tasks"]
-             for m in c["methods"] for lr in grid[m] for seed in c["seeds"]]
-    base = [dict(stage="baseline", task=t, seed=seed, method=m, run=b) for t in c["tasks"]
-            for m in c["methods"] for b in c["baselines"] for seed in c["seeds"]]
+    grid = lr_grid(c.lrs, c.methods)
+    sweep = [dict(stage="sweep", task=t, seed=seed, method=m, lr=lr) for t in c.tasks
+             for m in c.methods for lr in grid[m] for seed in c.seeds]
+    base = [dict(stage="baseline", task=t, seed=seed, method=m, run=b) for t in c.tasks
+            for m in c.methods for b in c.baselines for seed in c.seeds]
     return sweep + base
 
 
-def _comparison(model: Any, c: dict, task: str, ctx: dict) -> Any:
+def _comparison(model: Any, c: IclVsGdSection, task: str, ctx: dict) -> Any:
     """One Comparison per task and process, so that ZS/ICL runs are shared across units."""
     from .protocol import Comparison
 
     cache = ctx.setdefault("comparisons", {})
     if task not in cache:
         # the random-weight baseline models are built once and shared by every task
-        cache[task] = Comparison(model, task, k=c["k"], queries=c["queries"],
-                                 dev_queries=c["dev_queries"], protocol=c["protocol"],
-                                 position=c["position"], balanced=c["balanced"],
+        cache[task] = Comparison(model, task, k=c.k, queries=c.queries,
+                                 dev_queries=c.dev_queries, protocol=c.protocol,
+                                 position=c.position, balanced=c.balanced,
                                  baseline_models=ctx.setdefault("baseline_models", {}),
                                  progress=False)
     return cache[task]
 
 
-def _icl_vs_gd_run(model: Any, u: dict, s: dict, ctx: dict) -> dict[str, pd.DataFrame]:
+def _icl_vs_gd_run(model: Any, u: dict, c: IclVsGdSection, ctx: dict
+                   ) -> dict[str, pd.DataFrame]:
     from .protocol import FineTuneConfig, lr_grid, select_lr, sweep_rows
 
-    c = with_defaults("icl_vs_gd", s)
     comp = _comparison(model, c, u["task"], ctx)
     if u["stage"] == "sweep":
-        cfg = FineTuneConfig(method=u["method"], params=c["params"], lr=u["lr"],
-                             loss_tokens=c["loss_tokens"])
-        splits = ("test", "dev") if len(lr_grid(c["lrs"], c["methods"])[u["method"]]) > 1 \
+        cfg = FineTuneConfig(method=u["method"], params=c.params, lr=u["lr"],
+                             loss_tokens=c.loss_tokens)
+        splits = ("test", "dev") if len(lr_grid(c.lrs, c.methods)[u["method"]]) > 1 \
             else ("test",)
         return comp.run(cfg, u["seed"], "model", splits)
     done = _sweep_results(ctx["out"], u, c)
-    name = FineTuneConfig(method=u["method"], params=c["params"]).name
+    name = FineTuneConfig(method=u["method"], params=c.params).name
     chosen = select_lr(sweep_rows(done["per_query"], done["finetune"])) if done else {}
     if (u["task"], name) not in chosen:
         # every rate diverged: nothing to compare the baseline with
         return {"finetune": pd.DataFrame([{"task": u["task"], "method": name, "run": u["run"],
                                            "seed": u["seed"], "skipped": "every rate diverged"}])}
-    cfg = FineTuneConfig(method=u["method"], params=c["params"], lr=chosen[(u["task"], name)],
-                         loss_tokens=c["loss_tokens"])
+    cfg = FineTuneConfig(method=u["method"], params=c.params, lr=chosen[(u["task"], name)],
+                         loss_tokens=c.loss_tokens)
     return comp.run(cfg, u["seed"], u["run"], ("test",))
 
 
-def _sweep_results(out: Path, u: dict, c: dict) -> dict[str, pd.DataFrame]:
+def _sweep_results(out: Path, u: dict, c: IclVsGdSection) -> dict[str, pd.DataFrame]:
     """The finished sweep units of this baseline unit's (model, task, method), all of them:
     the rate is selected over every seed and rate, so a missing one is an error, not a
     smaller sweep."""
@@ -125,7 +127,7 @@ def _sweep_results(out: Path, u: dict, c: dict) -> dict[str, pd.DataFrame]:
 
     need = {unit_id("icl_vs_gd", dict(stage="sweep", task=u["task"], seed=seed,
                                       method=u["method"], lr=lr, model=u["model"]))
-            for lr in lr_grid(c["lrs"], c["methods"])[u["method"]] for seed in c["seeds"]}
+            for lr in lr_grid(c.lrs, c.methods)[u["method"]] for seed in c.seeds}
     have = {d.name for d in finished_units(out)}
     if need - have:
         raise ExperimentError(
@@ -138,42 +140,41 @@ def _sweep_results(out: Path, u: dict, c: dict) -> dict[str, pd.DataFrame]:
             for k, v in done.items()}
 
 
-def _implied_units(s: dict) -> list[dict]:
-    return [dict(task=t, seed=seed) for t in s.get("tasks", ["capital"])
-            for seed in s.get("seeds", [0])]
+def _implied_units(s: ImpliedUpdatesSection) -> list[dict]:
+    return [dict(task=t, seed=seed) for t in s.tasks for seed in s.seeds]
 
 
-def _implied_run(model: Any, u: dict, s: dict, ctx: dict) -> dict[str, pd.DataFrame]:
+def _implied_run(model: Any, u: dict, s: ImpliedUpdatesSection, ctx: dict
+                 ) -> dict[str, pd.DataFrame]:
     from .probes import implied_updates, update_trajectory, verify_identities
     from .prompts import build_prompts
 
-    pairs = build_prompts(model, u["task"], range(s.get("prompts", 8)), k=s.get("k", 8),
-                          seed=u["seed"])
+    pairs = build_prompts(model, u["task"], range(s.prompts), k=s.k, seed=u["seed"])
     up = implied_updates(model, pairs)
-    traj = update_trajectory(model, u["task"], query=s.get("trajectory_query", 0),
-                             k=s.get("k", 8), seed=u["seed"])
-    ident = verify_identities(model, pairs[: s.get("verify_prompts", 2)])
+    traj = update_trajectory(model, u["task"], query=s.trajectory_query, k=s.k,
+                             seed=u["seed"])
+    ident = verify_identities(model, pairs[: s.verify_prompts])
     return {"probes": up.table(), "trajectory": traj, "identities": ident}
 
 
-def _order_units(s: dict) -> list[dict]:
-    return [dict(task=t, n_demos=n, lr=lr) for t in s.get("tasks", ["sentiment"])
-            for n in s.get("n_demos", [1, 2, 4, 8]) for lr in s.get("lrs", [1e-3])]
+def _order_units(s: OrderSensitivitySection) -> list[dict]:
+    return [dict(task=t, n_demos=n, lr=lr) for t in s.tasks for n in s.n_demos for lr in s.lrs]
 
 
-def _order_run(model: Any, u: dict, s: dict, ctx: dict) -> dict[str, pd.DataFrame]:
+def _order_run(model: Any, u: dict, s: OrderSensitivitySection, ctx: dict
+               ) -> dict[str, pd.DataFrame]:
     from .comparison import order_sensitivity_table
     from .prompts import build_prompt
 
     methods = [dict(method=m) if ":" not in m else dict(method="dai", params=m)
-               for m in s.get("methods", ["dai", "batch", "adam"])]
+               for m in s.methods]
     rows = []
-    for q in range(s.get("queries", 4)):
+    for q in range(s.queries):
         if u["n_demos"] < 2:
             break  # one demonstration has a single ordering
         pair = build_prompt(model, u["task"], q, u["n_demos"], seed=q)
-        t = order_sensitivity_table(model, pair, orderings=s.get("orderings", 10),
-                                    methods=methods, lr=u["lr"], seed=q)
+        t = order_sensitivity_table(model, pair, orderings=s.orderings, methods=methods,
+                                    lr=u["lr"], seed=q)
         t.insert(0, "query", q)
         rows.append(t)
     df = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
@@ -181,17 +182,18 @@ def _order_run(model: Any, u: dict, s: dict, ctx: dict) -> dict[str, pd.DataFram
     return {"order_sensitivity": df}
 
 
-def _lsa_units(s: dict) -> list[dict]:
-    return [dict(seed=seed) for seed in s.get("seeds", [0])]
+def _lsa_units(s: LinearAttentionSection) -> list[dict]:
+    return [dict(seed=seed) for seed in s.seeds]
 
 
-def _lsa_run(model: Any, u: dict, s: dict, ctx: dict) -> dict[str, pd.DataFrame]:
+def _lsa_run(model: Any, u: dict, s: LinearAttentionSection, ctx: dict
+             ) -> dict[str, pd.DataFrame]:
     from . import dual
 
-    lr, loss = dual.best_one_step_lr(n_tasks=s.get("line_search_tasks", 10_000), seed=u["seed"])
-    eig = dual.eigenvalue_table(n_tasks=s.get("eigen_tasks", 10_000), seed=u["seed"])
-    cfg = dual.LSATrainConfig(steps=s.get("steps", 1000), batch_size=s.get("batch_size", 2048),
-                              eval_every=s.get("eval_every", 100), seed=u["seed"], gd_lr=lr)
+    lr, loss = dual.best_one_step_lr(n_tasks=s.line_search_tasks, seed=u["seed"])
+    eig = dual.eigenvalue_table(n_tasks=s.eigen_tasks, seed=u["seed"])
+    cfg = dual.LSATrainConfig(steps=s.steps, batch_size=s.batch_size, eval_every=s.eval_every,
+                              seed=u["seed"], gd_lr=lr)
     res = dual.train_lsa(cfg, progress=False)
     ood = dual.ood_curves(res.model, lr, seed=u["seed"])
     anchor = pd.DataFrame([{"quantity": "best one-step lr", "ours": lr, "anchor": 6.05},
@@ -199,15 +201,15 @@ def _lsa_run(model: Any, u: dict, s: dict, ctx: dict) -> dict[str, pd.DataFrame]
     return {"line_search": anchor, "eigenvalues": eig, "training": res.history, "ood": ood}
 
 
-def _heads_units(s: dict) -> list[dict]:
-    return [dict(task=t) for t in s.get("tasks", ["capital"])]
+def _heads_units(s: RealHeadsSection) -> list[dict]:
+    return [dict(task=t) for t in s.tasks]
 
 
-def _heads_run(model: Any, u: dict, s: dict, ctx: dict) -> dict[str, pd.DataFrame]:
+def _heads_run(model: Any, u: dict, s: RealHeadsSection, ctx: dict) -> dict[str, pd.DataFrame]:
     from . import dual
     from .prompts import build_prompts
 
-    pairs = build_prompts(model, u["task"], range(s.get("prompts", 4)), k=s.get("k", 8))
+    pairs = build_prompts(model, u["task"], range(s.prompts), k=s.k)
     return dual.real_head_claims(model, pairs)
 
 
@@ -331,7 +333,7 @@ def experiment_units(config: Config, models: Iterable[str]) -> list[tuple[str, d
     models = list(models)
     units = []
     for sec in config.sections:
-        base = SECTIONS[sec][0](config.section(sec))
+        base = SECTIONS[sec][0](config.settings(sec))
         if sec in MODEL_FREE:
             units += [(sec, u) for u in base]
         else:
@@ -443,7 +445,7 @@ def run_experiment(config: Config, *, model: Any = None, model_name: str | None 
     any of that model's units run."""
     from .models import load_model
 
-    exp = config.section("experiment")
+    exp = config.settings("experiment")
     specs = model_specs(config, model if model is not None else model_name)
     out = output_dir(config, out)
     units = experiment_units(config, specs)
@@ -471,10 +473,10 @@ def run_experiment(config: Config, *, model: Any = None, model_name: str | None 
                     _free_memory()
                 spec = specs[key]
                 if spec is None or isinstance(spec, (str, Path)):
-                    spec = load_model(spec, device=device or exp.get("device"),
-                                      dtype=dtype or exp.get("dtype"),
-                                      device_map=device_map or exp.get("device_map"),
-                                      n_devices=n_devices or exp.get("n_devices"))
+                    spec = load_model(spec, device=device or exp.device,
+                                      dtype=dtype or exp.dtype,
+                                      device_map=device_map or exp.device_map,
+                                      n_devices=n_devices or exp.n_devices)
                 loaded[key] = spec
                 provs[key] = provenance(spec, config)
                 _check_provenance(out, key, provs[key])
@@ -493,7 +495,7 @@ def run_experiment(config: Config, *, model: Any = None, model_name: str | None 
                 unit_hook(uid)
             t0 = time.perf_counter()
             ctx = ctxs.setdefault(key, {"out": out})
-            tables = SECTIONS[sec][1](m, u, config.section(sec), ctx)
+            tables = SECTIONS[sec][1](m, u, config.settings(sec), ctx)
             write_unit(out / "units", uid, tables, {"section": sec, "unit": u,
                                                     "seconds": time.perf_counter() - t0,
                                                     "provenance": provs.get(key)})

@@ -40,9 +40,10 @@ before QK-norm and rotary), ``q_normed`` (``hook_q_normed``, after QK-norm, befo
 ``rot_cos`` / ``rot_sin`` (the layer's rotary phases at the captured positions).
 
 Every quantity is stacked over the traced layers (a leading ``layer`` axis). Grouped-query
-attention is resolved in one place, :func:`expand_kv`: ``record.k``, ``record.v``,
-``record.W_K`` and ``record.W_V`` are per *query* head (``kv_head_of[h]`` is query head
-``h``'s key/value group); ``record.data["k"]`` keeps the ``kv_head`` layout.
+attention is resolved in one place, :func:`expand_kv` (:func:`grouped_einsum` fuses it into a
+contraction): ``record.k``, ``record.v``, ``record.W_K`` and ``record.W_V`` are per *query*
+head (``kv_head_of[h]`` is query head ``h``'s key/value group); ``record.data["k"]`` keeps the
+``kv_head`` layout.
 ``record.scale`` holds each traced layer's factor multiplying ``q·k``; ``record.softcap`` and
 ``record.window`` its soft-capping and sliding window (None where the model has none).
 
@@ -63,11 +64,14 @@ torch.Size([1, 1, 4, 12])
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+import einops
 import torch
+from jaxtyping import Bool, Float, Int, Shaped
 from tqdm.auto import tqdm
 
 from .architectures import (AttentionSpec, allowed_keys, attention_scores, attention_spec,
@@ -107,19 +111,121 @@ _HALF = (torch.float16, torch.bfloat16)
 
 PositionSpec = str | Sequence[Any] | Callable[[PromptPair], Any]
 
+# Shapes of the record's tensors, in the glossary's axis names (jaxtyping; tests/test_shapes.py
+# checks them on a real record). Aliases rather than inline strings: pyflakes reads a string
+# inside an annotation as Python and rejects "batch pos".
+_PerHead = Int[torch.Tensor, "head"]
+_PerPrompt = Int[torch.Tensor, "batch"]
+_PositionIds = Int[torch.Tensor, "batch pos"]
+_PositionMask = Bool[torch.Tensor, "batch pos"]
+_KeyPositionIds = Int[torch.Tensor, "batch key_pos"]
+_KeyPositionMask = Bool[torch.Tensor, "batch key_pos"]
+_Logits = Float[torch.Tensor, "batch d_vocab"]
+_PerLayer = Float[torch.Tensor, "layer"]
+_AtPred = Shaped[torch.Tensor, "layer batch ..."]
 
-def expand_kv(x: torch.Tensor, kv_head_of: torch.Tensor, dim: int) -> torch.Tensor:
+
+def expand_kv(x: Shaped[torch.Tensor, "..."], kv_head_of: _PerHead, dim: int
+              ) -> Shaped[torch.Tensor, "..."]:
     """Per-query-head view of a key/value-head tensor: ``out[..., h, ...] = x[..., kv_head_of[h],
-    ...]`` along ``dim``. The one place grouped-query attention is resolved."""
+    ...]`` along ``dim`` (the ``kv_head`` axis there becomes ``head``; the other axes are
+    unchanged). The one place grouped-query attention is resolved (:func:`grouped_einsum` is the
+    same mapping fused into a contraction).
+
+    >>> expand_kv(torch.tensor([[10, 20]]), group_mapping(4, 2), dim=1)   # 4 heads, 2 groups
+    tensor([[10, 10, 20, 20]])
+    """
     return x.index_select(dim, kv_head_of.to(x.device))
 
 
-def group_mapping(n_heads: int, n_kv_heads: int) -> torch.Tensor:
+def group_mapping(n_heads: int, n_kv_heads: int) -> _PerHead:
     """``kv_head_of[h]``: the key/value group of query head ``h`` (consecutive query heads share
     a group, as in Llama's ``repeat_kv``)."""
     if n_heads % n_kv_heads:
         raise TraceError(f"n_heads={n_heads} is not a multiple of n_key_value_heads={n_kv_heads}")
     return torch.arange(n_heads) // (n_heads // n_kv_heads)
+
+
+def grouped_einsum(*tensors_and_pattern: torch.Tensor | str,
+                   kv_head_of: _PerHead) -> torch.Tensor:
+    """``einops.einsum`` in which operands with a ``kv_head`` axis (keys, values) meet operands
+    with a ``head`` axis (queries, patterns) as if :func:`expand_kv` had expanded them.
+
+    Equal to expanding every ``kv_head`` operand with :func:`expand_kv` and renaming
+    ``kv_head`` to ``head``, but key_pos-long keys and values are never copied per query head
+    (``n_heads / n_kv_heads`` times their memory): where the query heads of a group are
+    consecutive (:func:`group_mapping`'s layout), the ``head`` axes are split as
+    ``(kv_head head_in_group)`` instead. Any other ``kv_head_of`` goes through
+    :func:`expand_kv`. Patterns name every axis (no ``...``); an operand has ``head`` or
+    ``kv_head``, not both.
+
+    >>> k = torch.randn(5, 2, 3)                            # key_pos kv_head d_head
+    >>> q = torch.randn(4, 3)                               # head d_head
+    >>> kv_head_of = group_mapping(4, 2)
+    >>> s = grouped_einsum(k, q, "key_pos kv_head d_head, head d_head -> head key_pos",
+    ...                    kv_head_of=kv_head_of)
+    >>> ref = einops.einsum(expand_kv(k, kv_head_of, dim=1), q,
+    ...                     "key_pos head d_head, head d_head -> head key_pos")
+    >>> torch.allclose(s, ref)
+    True
+    """
+    *tensors, pattern = tensors_and_pattern
+    inputs, output = (side.strip() for side in str(pattern).split("->"))
+    axes = [spec.split() for spec in inputs.split(",")]
+    n_heads, n_kv = len(kv_head_of), int(kv_head_of.max()) + 1
+    size = n_heads // n_kv
+    if n_heads != size * n_kv or not torch.equal(kv_head_of.cpu(), torch.arange(n_heads) // size):
+        tensors = [expand_kv(x, kv_head_of, a.index("kv_head")) if "kv_head" in a else x
+                   for x, a in zip(tensors, axes)]
+        return einops.einsum(*tensors, str(pattern).replace("kv_head", "head"))
+
+    def split(a: list[str]) -> str:
+        return " ".join("kv_head head_in_group" if t == "head" else t for t in a)
+
+    def joined(a: list[str]) -> str:
+        return " ".join("(kv_head head_in_group)" if t == "head" else t for t in a)
+
+    tensors = [einops.rearrange(x, f"{joined(a)} -> {split(a)}", kv_head=n_kv) if "head" in a
+               else x for x, a in zip(tensors, axes)]
+    out = output.split()
+    y = einops.einsum(*tensors, f"{', '.join(split(a) for a in axes)} -> {split(out)}")
+    return einops.rearrange(y, f"{split(out)} -> {joined(out)}") if "head" in out else y
+
+
+def resolve_layers(layers: Iterable[int] | None, n_layers: int, where: str,
+                   error: type[Exception] = TraceError) -> tuple[int, ...]:
+    """``layers`` (None: every layer) as a tuple of block indices, or ``error`` naming the
+    first one that is not an integer in ``0 .. n_layers - 1``."""
+    if layers is None:
+        return tuple(range(n_layers))
+    valid = f"the model's layers are 0..{n_layers - 1}"
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise error(f"{where}(layers={layers!r}): expected a list of layer indices, e.g. "
+                    f"layers=[{layers!r}]; {valid}")
+    given = list(layers)
+    if not given:
+        raise error(f"{where}(layers=[]): no layers given; {valid} (None: all)")
+    out = []
+    for l in given:
+        try:
+            if isinstance(l, bool):
+                raise TypeError
+            index = operator.index(l)
+        except TypeError:
+            raise error(f"{where}(layers={given!r}): layer {l!r} is not an integer; "
+                        f"{valid}") from None
+        if not 0 <= index < n_layers:
+            raise error(f"{where}(layers={given!r}): layer {index} is out of range; {valid}")
+        out.append(index)
+    return tuple(out)
+
+
+def check_batch_size(batch_size: Any, where: str, error: type[Exception] = TraceError) -> None:
+    """``error`` unless ``batch_size`` is a positive integer."""
+    ok = not isinstance(batch_size, bool) and isinstance(batch_size, int) and batch_size >= 1
+    if not ok:
+        raise error(f"{where}(batch_size={batch_size!r}): batch_size is the number of prompts "
+                    "per forward pass and must be a positive integer, e.g. batch_size=8")
 
 
 @dataclass
@@ -138,22 +244,22 @@ class AttentionRecord:
     n_heads: int
     n_kv_heads: int
     d_head: int
-    kv_head_of: torch.Tensor
-    lengths: torch.Tensor
-    pred: torch.Tensor
-    positions: torch.Tensor
-    pos_mask: torch.Tensor
-    pred_slot: torch.Tensor
-    key_positions: torch.Tensor
-    key_mask: torch.Tensor
-    data: dict[str, torch.Tensor]
-    weights: dict[str, torch.Tensor]
-    logits: torch.Tensor | None
+    kv_head_of: _PerHead
+    lengths: _PerPrompt
+    pred: _PerPrompt
+    positions: _PositionIds
+    pos_mask: _PositionMask
+    pred_slot: _PerPrompt
+    key_positions: _KeyPositionIds
+    key_mask: _KeyPositionMask
+    data: dict[str, torch.Tensor]  # shapes: the module docstring's table, after "layer"
+    weights: dict[str, torch.Tensor]  # shapes: attention_weights
+    logits: _Logits | None
     hook_names: dict[str, str]
     kind: str = "icl"
     q_rotated: bool = True
     meta: dict = field(default_factory=dict)
-    scale: torch.Tensor | None = None
+    scale: _PerLayer | None = None
     softcap: tuple[float | None, ...] = ()
     window: tuple[int | None, ...] = ()
 
@@ -196,7 +302,7 @@ class AttentionRecord:
             + ", ".join(self.hook_names[q] for q in self.data)
         )
 
-    def at_pred(self, name: str) -> torch.Tensor:
+    def at_pred(self, name: str) -> _AtPred:
         """A query-side quantity at each prompt's prediction position: (layer, batch, ...)."""
         x = getattr(self, name)
         b = torch.arange(x.shape[1], device=x.device)
@@ -339,9 +445,10 @@ def _q_normed_transform(model: Any, spec: AttentionSpec) -> Callable | None:
     (Gemma 3, Qwen3) and on (batch, pos, head·d_head) before the reshape (OLMo 2)."""
     n_heads = model.cfg.n_heads
     if spec.qk_norm == "post_reshape":
-        return lambda x: x.transpose(1, 2)
+        return lambda x: einops.rearrange(x, "batch head pos d_head -> batch pos head d_head")
     if spec.qk_norm == "pre_reshape":
-        return lambda x: x.reshape(*x.shape[:2], n_heads, -1)
+        return lambda x: einops.rearrange(x, "batch pos (head d_head) -> batch pos head d_head",
+                                          head=n_heads)
     return None
 
 
@@ -447,11 +554,13 @@ class _Capture:
         if x.shape[0] != B and x.shape[0] == 1:  # rotary phases are shared over the batch
             x = x.expand(B, *x.shape[1:])
         idx = self.idx.to(x.device)
-        if layout == "row":  # batch head q_pos k_pos -> batch pos head k_pos
+        if layout == "row":  # rows of (batch, head, query token, key_pos) at the captured pos
             if x.dim() != 4:
-                raise TraceError(f"{name}: expected (batch, head, q_pos, k_pos), got {tuple(x.shape)}")
+                raise TraceError(f"{name}: expected (batch, head, q_pos, k_pos), got "
+                                 f"{tuple(x.shape)}")
             _, H, _, T = x.shape
-            return x.gather(2, idx[:, None, :, None].expand(B, H, idx.shape[1], T)).permute(0, 2, 1, 3)
+            rows = x.gather(2, idx[:, None, :, None].expand(B, H, idx.shape[1], T))
+            return einops.rearrange(rows, "batch head pos key_pos -> batch pos head key_pos")
         if layout == "all" or (layout == "key" and self.key_idx is None):
             return x.clone()
         sel = idx if layout == "query" else self.key_idx.to(x.device)
@@ -520,11 +629,11 @@ class _Capture:
                 self._put("k", slot, self._rotated("k", slot, "key"))
             if "scores" in plan.derive:
                 k_all = self._rotated("k_all", slot, "all")  # batch T kv_head d_head
-                kv_head_of = group_mapping(q.shape[2], k_all.shape[2]).to(k_all.device)
+                kv_head_of = group_mapping(q.shape[2], k_all.shape[2])
                 T = k_all.shape[1]
                 allowed = allowed_keys(spec, layer, self.idx.to(q.device), T, self.lengths)
                 self._put("scores", slot, attention_scores(
-                    spec, layer, q, k_all.index_select(2, kv_head_of), allowed))
+                    spec, layer, q, expand_kv(k_all, kv_head_of, dim=2), allowed))
             for name in ("rot_cos", "rot_sin"):
                 if name in plan.derive:
                     dtype = next(self.model.parameters()).dtype  # GPT-J casts to the key's
@@ -618,11 +727,8 @@ def trace(
     if unknown:
         raise TraceError(f"trace(what={list(wanted)}): unknown {unknown}; known: {list(known)}")
     cfg = model.cfg
-    n_layers = cfg.n_layers
-    layer_list = tuple(range(n_layers)) if layers is None else tuple(int(l) for l in layers)
-    bad = [l for l in layer_list if not 0 <= l < n_layers]
-    if bad or not layer_list:
-        raise TraceError(f"trace(layers={list(layer_list)}): the model has layers 0..{n_layers - 1}")
+    layer_list = resolve_layers(layers, cfg.n_layers, "trace")
+    check_batch_size(batch_size, "trace")
     spec = attention_spec(model)
     live = live_hooks(model)
     captured = [w for w in wanted if w not in DERIVED]
@@ -645,9 +751,11 @@ def trace(
     id_list = [p.ids(kind) if isinstance(p, PromptPair) else torch.as_tensor(p) for p in prompts]
     for i, ids in enumerate(id_list):
         if ids.dim() != 1 or len(ids) == 0:
-            raise TraceError(f"trace(): prompt {i} must be a non-empty 1-D id tensor, got {tuple(ids.shape)}")
+            raise TraceError(f"trace(): prompt {i} must be a non-empty 1-D id tensor, got "
+                             f"{tuple(ids.shape)}")
         if len(ids) > cfg.n_ctx:
-            raise TraceError(f"trace(): prompt {i} has {len(ids)} tokens; the context holds {cfg.n_ctx}")
+            raise TraceError(f"trace(): prompt {i} has {len(ids)} tokens; the context holds "
+                             f"{cfg.n_ctx}")
     lengths = torch.tensor([len(x) for x in id_list])
     pos_rows, pred_slot = [], []
     for i, (p, ids) in enumerate(zip(prompts, id_list)):
@@ -736,7 +844,9 @@ def trace(
         weights = {k: w.to(store) for k, w in weights.items()}
     if "head_out" in wanted:
         W_O = weights["W_O"].to(data["z"].device)
-        data["head_out"] = torch.einsum("lbphe,lhed->lbphd", data["z"], W_O)
+        data["head_out"] = einops.einsum(data["z"], W_O, "layer batch pos head d_head, "
+                                         "layer head d_head d_model -> "
+                                         "layer batch pos head d_model")
         if "z" not in wanted:
             del data["z"]
     logits_all = torch.cat(logits_parts, 0)[inverse.to(logits_parts[0].device)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import einops
 import pandas as pd
 import torch
 
@@ -31,7 +32,8 @@ def demo_mass(record: AttentionRecord, pairs: list[PromptPair]) -> torch.Tensor:
                        device=pattern.device)
     for b, p in enumerate(pairs):
         mask[b, p.spans_of(record.kind).demo_indices()] = 1
-    return torch.einsum("lbhk,bk->lbh", pattern, mask)
+    return einops.einsum(pattern, mask,
+                         "layer batch head key_pos, batch key_pos -> layer batch head")
 
 
 @dataclass

@@ -373,8 +373,7 @@ def plan(config: Config, *, model_name: str | None = None, dtype: str | None = N
     from .hooks import QUANTITIES
     from .protocol import ICL_WHAT, ZS_WHAT
 
-    exp = config.section("experiment")
-    dtype = dtype or exp.get("dtype") or "float32"
+    dtype = dtype or config.settings("experiment").dtype or "float32"
     b = _dtype_bytes(dtype)
     specs = model_specs(config, model_name)
     units = experiment_units(config, specs)
@@ -395,14 +394,14 @@ def plan(config: Config, *, model_name: str | None = None, dtype: str | None = N
         stack = 4 * attention_weight_count(shape)  # W_Q, W_K, W_V, W_O stacked in float32
         how = ""
         if "icl_vs_gd" in config.sections:
-            s = config.section("icl_vs_gd")
-            icl, zs, demos, one, how = _prompt_tokens(shape, s["tasks"], s["k"])
-            n = s["queries"] + s["dev_queries"]
-            opt = 2 if "adam" in s["methods"] else 0
+            s = config.settings("icl_vs_gd")
+            icl, zs, demos, one, how = _prompt_tokens(shape, s.tasks, s.k)
+            n = s.queries + s.dev_queries
+            opt = 2 if "adam" in s.methods else 0
             # every method but "batch" steps on one demonstration at a time
-            ft_tokens = demos if "batch" in s["methods"] else one
-            ft = finetune_bytes(shape, trainable_count(shape, s["params"]), ft_tokens, b, opt)
-            ft_note = (f"params {s['params']!r}: {trainable_count(shape, s['params']):,} trained, "
+            ft_tokens = demos if "batch" in s.methods else one
+            ft = finetune_bytes(shape, trainable_count(shape, s.params), ft_tokens, b, opt)
+            ft_note = (f"params {s.params!r}: {trainable_count(shape, s.params):,} trained, "
                        f"{'Adam' if opt else 'SGD'}, backward over {ft_tokens} tokens")
             # per (task, seed, variant): the ICL and ZS records of test + dev queries and the
             # demonstration prefix's k and v (docs/protocol.md, Cost); per unit, one more ZS
@@ -410,32 +409,32 @@ def plan(config: Config, *, model_name: str | None = None, dtype: str | None = N
             refs = (record_bytes(shape, ICL_WHAT, n, icl, weights=False)
                     + record_bytes(shape, ZS_WHAT, n, zs, weights=False)
                     + record_bytes(shape, ("k", "v"), 1, demos, logits=False, weights=False))
-            ft_rec = record_bytes(shape, ZS_WHAT, s["queries"], zs, weights=False)
-            models = {"untrained", "embeddings_only"} & set(s["baselines"])
-            variants = 1 + len({"shuffled_labels"} & set(s["baselines"])) + len(models)
+            ft_rec = record_bytes(shape, ZS_WHAT, s.queries, zs, weights=False)
+            models = {"untrained", "embeddings_only"} & set(s.baselines)
+            variants = 1 + len({"shuffled_labels"} & set(s.baselines)) + len(models)
             weights *= 1 + len(models)
             # float32 models share one cached stack per model; half-precision records widen
             # the weights into a stack of their own each
             stacks = (1 + len(models) + 1) if b == 4 else (2 * variants + 1)
             traces = refs + ft_rec + (2 if b == 4 else 3) * stack
-            held = len(s["tasks"]) * len(s["seeds"]) * variants * refs + ft_rec + stacks * stack
+            held = len(s.tasks) * len(s.seeds) * variants * refs + ft_rec + stacks * stack
             tr_note = (f"{n} queries, ICL prompts up to {icl} tokens; a process holds "
-                       f"{len(s['tasks'])} tasks x {len(s['seeds'])} seeds x {variants} variants "
+                       f"{len(s.tasks)} tasks x {len(s.seeds)} seeds x {variants} variants "
                        "of reference records")
         for sec in ("implied_updates", "real_heads"):
             if sec in config.sections:
-                s = config.section(sec)
-                icl, _, _, _, how = _prompt_tokens(shape, s["tasks"], s["k"])
-                t = record_bytes(shape, QUANTITIES, s["prompts"], icl)
+                s = config.settings(sec)
+                icl, _, _, _, how = _prompt_tokens(shape, s.tasks, s.k)
+                t = record_bytes(shape, QUANTITIES, s.prompts, icl)
                 if t > traces:
-                    traces, tr_note = t, f"{sec}: {s['prompts']} prompts of up to {icl} tokens"
+                    traces, tr_note = t, f"{sec}: {s.prompts} prompts of up to {icl} tokens"
                 held = max(held, t)
         if "order_sensitivity" in config.sections:
-            s = config.section("order_sensitivity")
-            _, _, demos, one, how = _prompt_tokens(shape, s["tasks"], max(s["n_demos"]))
-            opt = 2 if "adam" in s["methods"] else 0
+            s = config.settings("order_sensitivity")
+            _, _, demos, one, how = _prompt_tokens(shape, s.tasks, max(s.n_demos))
+            opt = 2 if "adam" in s.methods else 0
             t = finetune_bytes(shape, trainable_count(shape, "kv"),
-                               demos if "batch" in s["methods"] else one, b, opt)
+                               demos if "batch" in s.methods else one, b, opt)
             if t > ft:
                 ft, ft_note = t, f"order_sensitivity: {'Adam' if opt else 'SGD'} on k and v"
         if how:

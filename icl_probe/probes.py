@@ -45,13 +45,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
+import einops
 import pandas as pd
 import torch
+from jaxtyping import Bool, Float, Int
 
 from .architectures import (allowed_keys, attention_pattern, attention_scores, attention_spec,
                             rotate_like_model)
 from .errors import IclProbeError
-from .hooks import AttentionRecord, expand_kv, trace
+from .hooks import (AttentionRecord, check_batch_size, expand_kv, grouped_einsum, resolve_layers,
+                    trace)
 from .prompts import PromptPair
 
 
@@ -60,6 +63,25 @@ class ProbeError(IclProbeError):
 
 
 _TRACE_WHAT = ("q", "k", "v", "pattern", "z", "mlp_in", "mlp_out")
+
+# Shapes of the results, in the glossary's axis names (jaxtyping; tests/test_shapes.py checks
+# them on a real result, and against the table in ImpliedUpdates' docstring). Aliases rather
+# than inline strings: pyflakes reads a string inside an annotation as Python.
+_HeadMatrices = Float[torch.Tensor, "layer batch head d_head d_head"]
+_DemoMatrices = Float[torch.Tensor, "layer batch demo head d_head d_head"]
+_DemoNorms = Float[torch.Tensor, "layer batch demo head"]
+_DemoMask = Bool[torch.Tensor, "batch demo"]
+_HeadScalars = Float[torch.Tensor, "layer batch head"]
+_HeadVectors = Float[torch.Tensor, "layer batch head d_head"]
+_MlpVectors = Float[torch.Tensor, "layer batch d_mlp"]
+_ResidVectors = Float[torch.Tensor, "layer batch d_model"]
+# model_space_layer indexes model_space_layers (a subset of layers)
+_ModelSpace = Float[torch.Tensor, "model_space_layer batch head d_model d_model"]
+_ModelSpaceBias = Float[torch.Tensor, "model_space_layer batch head d_model"]
+_HeadRanks = Int[torch.Tensor, "layer batch head"]
+_PromptScalars = Float[torch.Tensor, "layer batch"]
+_MlpDelta = Float[torch.Tensor, "d_mlp d_model"]
+_MlpInputs = Float[torch.Tensor, "... d_model"]
 
 
 # ------------------------------------------------------------------------------ validation
@@ -136,8 +158,8 @@ def _mlp_weight(model: Any, layer: int, inp: _MlpInput) -> torch.Tensor:
     return w.T if inp.transposed else w
 
 
-def run_mlp(model: Any, layer: int, u: torch.Tensor,
-            deltas: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+def run_mlp(model: Any, layer: int, u: _MlpInputs,
+            deltas: dict[str, torch.Tensor] | None = None) -> _MlpInputs:
     """The real MLP module of ``layer`` on inputs ``u`` (..., d_model), optionally with its
     first-layer matrices replaced by ``W + deltas[name]`` (column orientation)."""
     mlp = model.blocks[layer].mlp
@@ -168,45 +190,52 @@ def run_mlp(model: Any, layer: int, u: torch.Tensor,
 class ImpliedUpdates:
     """Implied updates for a batch of prompt pairs (see the module docstring).
 
-    Tensors (``layer`` indexes ``layers``)::
+    Tensors (``layer`` indexes ``layers``, ``model_space_layer`` indexes
+    ``model_space_layers``; the field annotations say the same, and tests/test_shapes.py checks
+    both against a real result)::
 
-        dW_icl       layer batch head d_head d_head    Σ_{j∈D} v_j ⊗ k_j
-        W_zs         layer batch head d_head d_head    Σ_{j∈Q} v_j ⊗ k_j
-        demo_terms   layer batch demo head d_head d_head   (only with per_demo=True)
-        demo_norms   layer batch demo head             ‖ΔW_i‖_F
-        lam          layer batch head                  attention mass on demonstrations
-        z, z_Q, z_D  layer batch head d_head           the real z and the split's parts (0 for
-                                                       a side without attention mass)
-        fidelity_err layer batch head                  min_c ‖h − c h_lin‖ / ‖h‖
-        mlp_a[name]  layer batch d_mlp                 W (u_ctx − u_0)
-        mlp_b        layer batch d_model               u_0 / ‖u_0‖²   (ΔW = a bᵀ)
-        u_ctx, u_0   layer batch d_model
+        dW_icl            layer batch head d_head d_head       Σ_{j∈D} v_j ⊗ k_j
+        W_zs              layer batch head d_head d_head       Σ_{j∈Q} v_j ⊗ k_j
+        demo_terms        layer batch demo head d_head d_head  ΔW_i (only with per_demo=True)
+        demo_norms        layer batch demo head                ‖ΔW_i‖_F
+        demo_mask         batch demo                           real demonstrations
+        lam               layer batch head                     attention mass on demonstrations
+        z, z_Q, z_D       layer batch head d_head              the real z and the split's parts
+                                                               (0 for a side without mass)
+        q                 layer batch head d_head              the query at p (after rotary)
+        fidelity_err      layer batch head                     min_c ‖h − c h_lin‖ / ‖h‖
+        mlp_a[name]       layer batch d_mlp                    W (u_ctx − u_0)
+        mlp_b             layer batch d_model                  u_0 / ‖u_0‖²   (ΔW = a bᵀ)
+        u_ctx, u_0        layer batch d_model                  MLP inputs at p (ICL, ZS)
+        mlp_out_icl       layer batch d_model                  MLP output at p (ICL)
+        model_space       model_space_layer batch head d_model d_model    M (on request)
+        model_space_bias  model_space_layer batch head d_model            c (on request)
     """
 
     layers: tuple[int, ...]
     pairs: list[PromptPair]
-    dW_icl: torch.Tensor
-    W_zs: torch.Tensor
-    demo_norms: torch.Tensor
-    demo_mask: torch.Tensor
-    lam: torch.Tensor
-    z: torch.Tensor
-    z_Q: torch.Tensor
-    z_D: torch.Tensor
-    q: torch.Tensor
-    fidelity_err: torch.Tensor
-    mlp_a: dict[str, torch.Tensor]
-    mlp_b: torch.Tensor
-    u_ctx: torch.Tensor
-    u_0: torch.Tensor
-    mlp_out_icl: torch.Tensor
+    dW_icl: _HeadMatrices
+    W_zs: _HeadMatrices
+    demo_norms: _DemoNorms
+    demo_mask: _DemoMask
+    lam: _HeadScalars
+    z: _HeadVectors
+    z_Q: _HeadVectors
+    z_D: _HeadVectors
+    q: _HeadVectors
+    fidelity_err: _HeadScalars
+    mlp_a: dict[str, _MlpVectors]
+    mlp_b: _ResidVectors
+    u_ctx: _ResidVectors
+    u_0: _ResidVectors
+    mlp_out_icl: _ResidVectors
     records: dict[str, AttentionRecord] = field(repr=False, default_factory=dict)
-    demo_terms: torch.Tensor | None = None
-    model_space: torch.Tensor | None = None  # model_space_layers batch head d_model d_model
-    model_space_bias: torch.Tensor | None = None  # model_space_layers batch head d_model
+    demo_terms: _DemoMatrices | None = None
+    model_space: _ModelSpace | None = None
+    model_space_bias: _ModelSpaceBias | None = None
     model_space_layers: tuple[int, ...] = ()
 
-    def dW_icl_rank(self) -> torch.Tensor:
+    def dW_icl_rank(self) -> _HeadRanks:
         """Numerical rank of ΔW_ICL per layer, prompt and head (layer batch head). Heads of a
         key/value group share k and v, hence ΔW_ICL: one SVD per group, expanded."""
         kv_head_of = self.records["icl"].kv_head_of
@@ -214,12 +243,12 @@ class ImpliedUpdates:
         ranks = torch.linalg.matrix_rank(self.dW_icl[:, :, first])  # layer batch kv_head
         return expand_kv(ranks, kv_head_of, dim=2)
 
-    def mlp_delta(self, name: str, layer: int, prompt: int) -> torch.Tensor:
+    def mlp_delta(self, name: str, layer: int, prompt: int) -> _MlpDelta:
         """The rank-1 matrix ΔW (d_mlp, d_model) of MLP input map ``name`` ("gate"/"in")."""
         li = self.layers.index(layer)
         return torch.outer(self.mlp_a[name][li, prompt], self.mlp_b[li, prompt])
 
-    def mlp_delta_norm(self, name: str) -> torch.Tensor:
+    def mlp_delta_norm(self, name: str) -> _PromptScalars:
         """‖ΔW‖_F = ‖a‖ ‖b‖ per layer and prompt (layer batch)."""
         return self.mlp_a[name].norm(dim=-1) * self.mlp_b.norm(dim=-1)
 
@@ -234,7 +263,8 @@ class ImpliedUpdates:
             li, b, h = torch.meshgrid(torch.arange(L), torch.arange(B),
                                       torch.arange(H if per_head else 1), indexing="ij")
             rows.append(pd.DataFrame({
-                "prompt": b.flatten().numpy(), "layer": torch.tensor(self.layers)[li.flatten()].numpy(),
+                "prompt": b.flatten().numpy(),
+                "layer": torch.tensor(self.layers)[li.flatten()].numpy(),
                 "head": (h.flatten() if per_head else torch.full((li.numel(),), -1)).numpy(),
                 "demo": -1, "quantity": q, "value": x.reshape(-1).numpy(),
             }))
@@ -275,15 +305,17 @@ def _index_mask(rows: Iterable[torch.Tensor], width: int) -> torch.Tensor:
     return mask
 
 
-def _linear_attention(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor,
-                      keys: torch.Tensor) -> torch.Tensor:
+def _linear_attention(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
+                      kv_head_of: torch.Tensor) -> torch.Tensor:
     """Σ_j v_j (k_j·q) over the key positions in ``keys`` (batch key_pos): the head's output
-    with the softmax and scale dropped. k, v: layer batch key_pos kv_head d_head (one per
-    group; query heads of a group are consecutive); q: layer batch head d_head."""
-    L, B, _, G, _ = k.shape
-    qg = q.view(L, B, G, q.shape[2] // G, q.shape[-1])
-    s = torch.einsum("lbtgk,lbgrk->lbgrt", k, qg) * keys[None, :, None, None, :]
-    return torch.einsum("lbgrt,lbtgv->lbgrv", s, v).flatten(2, 3)
+    with the softmax and scale dropped (layer batch head d_head). k, v: layer batch key_pos
+    kv_head d_head (one per group, read per query head through ``kv_head_of``); q: layer batch
+    head d_head."""
+    s = grouped_einsum(k, q, "layer batch key_pos kv_head d_head, layer batch head d_head -> "
+                       "layer batch head key_pos", kv_head_of=kv_head_of)
+    s = s * keys[None, :, None, :]
+    return grouped_einsum(s, v, "layer batch head key_pos, layer batch key_pos kv_head d_head -> "
+                          "layer batch head d_head", kv_head_of=kv_head_of)
 
 
 def model_space_trace_what(model: Any) -> tuple[str, ...]:
@@ -336,8 +368,12 @@ def _model_space(model: Any, icl: AttentionRecord, dW: torch.Tensor, layers: Seq
         per_b, per_c = [], []
         for b in range(n_prompts):
             A, a = _query_map(spec, icl, li, b, W_Q[li], None if b_Q is None else b_Q[li])
-            per_b.append(torch.einsum("hvm,hvk,hnk->hmn", W_O[li], dW[li, b], A))
-            per_c.append(torch.einsum("hvm,hvk,hk->hm", W_O[li], dW[li, b], a))
+            # d_v, d_k: the two d_head axes of ΔW = Σ v ⊗ k; d_out, d_in: the two d_model
+            # axes of M (column orientation: M r maps d_in to d_out)
+            per_b.append(einops.einsum(W_O[li], dW[li, b], A, "head d_v d_out, head d_v d_k, "
+                                       "head d_in d_k -> head d_out d_in"))
+            per_c.append(einops.einsum(W_O[li], dW[li, b], a, "head d_v d_out, head d_v d_k, "
+                                       "head d_k -> head d_out"))
         ms.append(torch.stack(per_b))
         mb.append(torch.stack(per_c))
     return torch.stack(ms), torch.stack(mb)
@@ -364,7 +400,14 @@ def implied_updates(
     ``M r_p + c = W_O ΔW_ICL q_p`` exactly: large, so only on request.
     """
     check_pairs(pairs)
-    layer_list = tuple(range(model.cfg.n_layers)) if layers is None else tuple(layers)
+    layer_list = resolve_layers(layers, model.cfg.n_layers, "implied_updates", ProbeError)
+    check_batch_size(batch_size, "implied_updates", ProbeError)
+    if model_space is not False and model_space is not True:
+        ms_layers = resolve_layers(model_space, model.cfg.n_layers, "implied_updates", ProbeError)
+        untraced = [l for l in ms_layers if l not in layer_list]
+        if untraced:
+            raise ProbeError(f"implied_updates(model_space={list(ms_layers)}): layers {untraced} "
+                             f"are not among the traced layers {list(layer_list)}")
     for l in layer_list:
         mlp_first_layers(model, l)  # fail early on MLPs without a linear first layer
     what = _TRACE_WHAT + (model_space_trace_what(model) if model_space is not False else ())
@@ -391,26 +434,32 @@ def _updates_from_records(model: Any, pairs: list[PromptPair], icl: AttentionRec
     dev = icl.data["v"].device
     in_D, in_Q, demo_of = in_D.to(dev), in_Q.to(dev), demo_of.to(dev)
     # Keys and values are shared within a key/value group, so everything built from k and v
-    # alone is computed once per group (g) and expanded to query heads (h) at the end.
+    # alone is computed once per kv_head and expanded to query heads at the end.
     k, v = icl.data["k"], icl.data["v"]  # layer batch key_pos kv_head d_head
-    G, R = icl.n_kv_heads, icl.n_heads // icl.n_kv_heads
 
     def per_head(x: torch.Tensor, dim: int) -> torch.Tensor:
         return expand_kv(x, icl.kv_head_of, dim)
 
-    # 1a: dual form, ΔW = Σ_j v_j ⊗ k_j over D (and W_ZS over Q)
-    # (masks are applied to v first: a three-operand einsum would materialise v ⊗ k per token)
-    dW = per_head(torch.einsum("lbtgv,lbtgk->lbgvk", v * in_D[None, :, :, None, None], k), 2)
-    W_zs = per_head(torch.einsum("lbtgv,lbtgk->lbgvk", v * in_Q[None, :, :, None, None], k), 2)
-    demo_terms = per_head(torch.einsum("lbdtgv,lbtgk->lbdgvk",
-                                       v[:, :, None] * demo_of[None, :, :, :, None, None], k), 3) \
-        if per_demo else None
+    # 1a: dual form, ΔW = Σ_j v_j ⊗ k_j over D (and W_ZS over Q); d_v, d_k: the two d_head
+    # axes of v ⊗ k. (Masks are applied to v first: a three-operand einsum would materialise
+    # v ⊗ k per token.)
+    outer = "layer batch key_pos kv_head d_v, layer batch key_pos kv_head d_k -> " \
+            "layer batch kv_head d_v d_k"
+    dW = per_head(einops.einsum(v * in_D[None, :, :, None, None], k, outer), 2)
+    W_zs = per_head(einops.einsum(v * in_Q[None, :, :, None, None], k, outer), 2)
+    demo_terms = per_head(einops.einsum(
+        v[:, :, None] * demo_of[None, :, :, :, None, None], k,
+        "layer batch demo key_pos kv_head d_v, layer batch key_pos kv_head d_k -> "
+        "layer batch demo kv_head d_v d_k"), 3) if per_demo else None
     if per_demo:
         demo_norms = demo_terms.flatten(-2).norm(dim=-1)
     else:  # ‖Σ_{j∈i} v_j k_jᵀ‖_F² = Σ_{j,j'∈i} (v_j·v_j')(k_j·k_j'), without the matrices
-        gram = torch.einsum("lbsgv,lbtgv->lbgst", v, v) * torch.einsum("lbsgk,lbtgk->lbgst", k, k)
-        demo_norms = per_head(torch.einsum("lbgst,bds,bdt->lbdg", gram, demo_of, demo_of)
-                              .clamp_min(0).sqrt(), 3)
+        gram = "layer batch key_i kv_head d_head, layer batch key_j kv_head d_head -> " \
+               "layer batch kv_head key_i key_j"  # key_i, key_j: two key_pos axes
+        gram_vk = einops.einsum(v, v, gram) * einops.einsum(k, k, gram)
+        demo_norms = per_head(einops.einsum(
+            gram_vk, demo_of, demo_of, "layer batch kv_head key_i key_j, batch demo key_i, "
+            "batch demo key_j -> layer batch demo kv_head").clamp_min(0).sqrt(), 3)
     demo_mask = torch.zeros(len(pairs), D, dtype=torch.bool)
     for b, p in enumerate(pairs):
         demo_mask[b, : p.k] = True
@@ -420,9 +469,10 @@ def _updates_from_records(model: Any, pairs: list[PromptPair], icl: AttentionRec
     z = icl.at_pred("z")  # layer batch head d_head
     a_D, a_Q = a * in_D[None, :, None, :], a * in_Q[None, :, None, :]
     lam = a_D.sum(-1)
-    L, B = a.shape[:2]
-    zD = torch.einsum("lbgrt,lbtgd->lbgrd", a_D.view(L, B, G, R, -1), v).flatten(2, 3)
-    zQ = torch.einsum("lbgrt,lbtgd->lbgrd", a_Q.view(L, B, G, R, -1), v).flatten(2, 3)
+    # grouped: v is read per query head without being copied per query head
+    mix = "layer batch head key_pos, layer batch key_pos kv_head d_head -> layer batch head d_head"
+    zD = grouped_einsum(a_D, v, mix, kv_head_of=icl.kv_head_of)
+    zQ = grouped_einsum(a_Q, v, mix, kv_head_of=icl.kv_head_of)
     # A side with no attention mass (a sliding window that no longer reaches BOS, say) has
     # no mean: its part is 0, and (1-λ) z_Q + λ z_D = z still holds.
     zD = torch.where(lam[..., None] > 0, zD / lam[..., None], 0)
@@ -431,10 +481,11 @@ def _updates_from_records(model: Any, pairs: list[PromptPair], icl: AttentionRec
     # 4: dual-form fidelity, best scalar rescaling, in model space (h = W_O z)
     q = icl.at_pred("q")  # layer batch head d_head
     keys = (in_D + in_Q).clamp(max=1)
-    z_lin = _linear_attention(k, v, q, keys)
+    z_lin = _linear_attention(k, v, q, keys, icl.kv_head_of)
     W_O = icl.W_O.to(dev)  # layer head d_head d_model
-    h = torch.einsum("lbhd,lhdm->lbhm", z, W_O)
-    h_lin = torch.einsum("lbhd,lhdm->lbhm", z_lin, W_O)
+    per_head_out = "layer batch head d_head, layer head d_head d_model -> layer batch head d_model"
+    h = einops.einsum(z, W_O, per_head_out)
+    h_lin = einops.einsum(z_lin, W_O, per_head_out)
     c = (h * h_lin).sum(-1) / (h_lin * h_lin).sum(-1).clamp_min(torch.finfo(dt).tiny)
     fidelity = (h - c[..., None] * h_lin).norm(dim=-1) / h.norm(dim=-1)
 
@@ -536,7 +587,7 @@ def verify_identities(model: Any, pairs: Sequence[PromptPair], *,
     extra = ("scores", "attn_out") if spec.scores_hooked else ("attn_out",)
     if updates is None:
         check_pairs(pairs)
-        layer_list = tuple(range(model.cfg.n_layers)) if layers is None else tuple(layers)
+        layer_list = resolve_layers(layers, model.cfg.n_layers, "verify_identities", ProbeError)
         for l in layer_list:
             mlp_first_layers(model, l)
         # the model-space matrices are d_model x d_model per head: check three layers
@@ -577,10 +628,12 @@ def verify_identities(model: Any, pairs: Sequence[PromptPair], *,
         add("scores", MODEL_IDENTITY, torch.stack(s_errs))
     add("pattern", MODEL_IDENTITY, torch.stack(p_errs))
     a = icl.at_pred("pattern")[..., :T]
-    z_rec = torch.einsum("lbht,lbthd->lbhd", a, icl.v[..., :T, :, :])
+    z_rec = einops.einsum(a, icl.v[..., :T, :, :], "layer batch head key_pos, "
+                          "layer batch key_pos head d_head -> layer batch head d_head")
     add("z", MODEL_IDENTITY, _rel(z_rec - up.z, up.z))
     W_O = icl.W_O.to(up.z.device)
-    out = torch.einsum("lbhd,lhdm->lbm", up.z, W_O)
+    out = einops.einsum(up.z, W_O, "layer batch head d_head, layer head d_head d_model -> "
+                        "layer batch d_model")
     if "b_O" in icl.weights and icl.b_O is not None:
         out = out + icl.b_O.to(out.device)[:, None, :]
     attn_out = more.at_pred("attn_out")
@@ -607,16 +660,20 @@ def verify_identities(model: Any, pairs: Sequence[PromptPair], *,
     if up.model_space is not None:
         idx = [icl.layer_index(l) for l in up.model_space_layers]
         r_p = icl.at_pred("attn_in")[idx]
-        via_m = torch.einsum("lbhmn,lbn->lbhm", up.model_space, r_p) + up.model_space_bias
-        via_q = torch.einsum("lbhvk,lbhk,lhvm->lbhm", up.dW_icl[idx], up.q[idx], W_O[idx])
+        via_m = einops.einsum(up.model_space, r_p, "layer batch head d_out d_in, "
+                              "layer batch d_in -> layer batch head d_out") + up.model_space_bias
+        via_q = einops.einsum(up.dW_icl[idx], up.q[idx], W_O[idx],
+                              "layer batch head d_v d_k, layer batch head d_k, "
+                              "layer head d_v d_model -> layer batch head d_model")
         add("model_space", MODEL_IDENTITY, _rel(via_m - via_q, via_q), up.model_space_layers)
 
     # ---- consistency checks: algebra on the recorded tensors
     keys = torch.zeros(len(up.pairs), T, dtype=up.q.dtype, device=up.q.device)
     for b, p in enumerate(up.pairs):
         keys[b, : len(p.icl_ids)] = 1
-    lin = _linear_attention(icl.data["k"], icl.data["v"], up.q, keys)
-    dual = torch.einsum("lbhvk,lbhk->lbhv", up.W_zs + up.dW_icl, up.q)
+    lin = _linear_attention(icl.data["k"], icl.data["v"], up.q, keys, icl.kv_head_of)
+    dual = einops.einsum(up.W_zs + up.dW_icl, up.q, "layer batch head d_v d_k, "
+                         "layer batch head d_k -> layer batch head d_v")
     add("dual_form", CONSISTENCY_CHECK, _rel(dual - lin, lin))
     if up.demo_terms is not None:
         add("demo_terms_sum", CONSISTENCY_CHECK,
@@ -648,6 +705,9 @@ def update_trajectory(model: Any, task: Any, query: int = 0, k: int = 8, seed: i
 
     if k < 1:
         raise ProbeError(f"update_trajectory(k={k}): needs at least one demonstration")
+    # checked before the k prompts are built
+    layers = resolve_layers(layers, model.cfg.n_layers, "update_trajectory", ProbeError)
+    check_batch_size(batch_size, "update_trajectory", ProbeError)
     base = build_prompt(model, task, query, k, seed, **prompt_kwargs)
     rest = {key: val for key, val in prompt_kwargs.items() if key not in ("order", "balanced")}
     pairs = [build_prompt(model, task, query, n, seed, demos=base.demos[:n], **rest)

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .config import Config, with_defaults
+from .config import Config, settings
 from .store import read_results, write_csv, write_text
 
 __all__ = ["ANCHORS", "icl_vs_gd_summary", "write_report"]
@@ -145,13 +145,13 @@ def _summary_one(tabs: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
 
 
 def _icl_vs_gd_intro(s: dict, tabs: dict[str, pd.DataFrame]) -> str:
-    c = with_defaults("icl_vs_gd", s)
+    c = settings("icl_vs_gd", s)
     sw = tabs["sweep"]
     flagged = sw[sw.flag != ""]
-    items = [f"protocol <b>{c['protocol']}</b>: one demonstration set of k = {c['k']} per seed "
-             f"(train split), one fine-tune per (seed, method, rate), {c['queries']} test "
-             f"queries per seed, seeds {c['seeds']}, read at the <b>{c['position']}</b> position",
-             f"learning rates {c['lrs']}: the rate with the best FT accuracy on {c['dev_queries']} "
+    items = [f"protocol <b>{c.protocol}</b>: one demonstration set of k = {c.k} per seed "
+             f"(train split), one fine-tune per (seed, method, rate), {c.queries} test "
+             f"queries per seed, seeds {c.seeds}, read at the <b>{c.position}</b> position",
+             f"learning rates {c.lrs}: the rate with the best FT accuracy on {c.dev_queries} "
              "dev queries is selected (ties: gold log-probability); baselines run at it",
              "every value: mean over queries (pooled over seeds) with a 95 % bootstrap interval; "
              "a baseline cell shows the baseline's value and the verdict on ours − baseline "

@@ -3,6 +3,15 @@ import torch
 
 import icl_probe as ip
 
+# Core tiny-model sizes, all distinct, and distinct from the core tests' batch sizes (5 prompts;
+# 2 on the fused families), so that a swapped axis cannot pass (tests/test_shapes.py checks
+# this on a real record): layers 3, query heads 6 over key/value groups 2 (3 query heads per
+# group), d_head 10, d_model 42, d_mlp 72. Fused-QKV families (GPT-2, NeoX) tie
+# d_model = n_heads * d_head and have one key/value head per query head: 3 layers, 4 heads,
+# d_head 10, d_model 40.
+TINY_LLAMA = dict(n_layers=3, n_heads=6, n_key_value_heads=2, d_head=10, d_model=42, d_mlp=72)
+TINY_FUSED = dict(n_layers=3, n_heads=4, d_head=10, d_model=40, d_mlp=72)
+
 
 @pytest.fixture(scope="session")
 def embedded():
@@ -13,9 +22,9 @@ def embedded():
 
 @pytest.fixture(scope="session")
 def tiny64():
-    """Tiny Llama (2 layers, 4 query heads over 2 key/value groups, rotary) in float64."""
-    return ip.tiny_model(dtype=torch.float64, n_layers=2, n_heads=4, n_key_value_heads=2,
-                         d_model=40, d_head=10, d_mlp=72, seed=1)
+    """Tiny Llama (:data:`TINY_LLAMA`: 3 layers, 6 query heads over 2 key/value groups,
+    rotary) in float64."""
+    return ip.tiny_model(dtype=torch.float64, seed=1, **TINY_LLAMA)
 
 
 def pytest_collection_modifyitems(config, items):

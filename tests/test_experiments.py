@@ -88,7 +88,7 @@ def test_shipped_configs_parse():
     for path in sorted(EXPERIMENTS_DIR.glob("*.toml")):
         cfg = load_config(path)
         for s in cfg.sections:
-            assert SECTIONS[s][0](cfg.section(s)), path
+            assert SECTIONS[s][0](cfg.settings(s)), path
     with pytest.raises(ExperimentError, match="does not exist"):
         load_config(EXPERIMENTS_DIR / "nope.toml")
 

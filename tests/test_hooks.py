@@ -7,12 +7,13 @@ import pytest
 import torch
 
 import icl_probe as ip
-from conftest import assert_row_equals_alone
+from conftest import TINY_FUSED, assert_row_equals_alone
+from icl_probe.hooks import expand_kv, grouped_einsum
 
 F64_TOL = 1e-10  # float64 on tiny models: only summation-order rounding remains
 
 
-def _pairs(model, n=3, k=3):
+def _pairs(model, n=5, k=3):
     task = ip.load_task("capital")
     # different k per prompt -> different lengths, so batching must pad
     return [ip.build_prompt(model, task, query=q, k=k + q, seed=q) for q in range(n)]
@@ -32,13 +33,37 @@ def _rotary(x, positions, theta):
     return x * cos + rot * sin
 
 
+@pytest.mark.parametrize("kv_head_of", [
+    pytest.param([0, 0, 0, 1, 1, 1], id="consecutive"),  # group_mapping's layout: split heads
+    pytest.param([1, 0, 1, 0, 1, 0], id="interleaved"),  # any other: through expand_kv
+])
+def test_grouped_einsum_reads_each_query_heads_group(kv_head_of):
+    """grouped_einsum (expand_kv fused into a contraction) against a loop over query heads."""
+    g = torch.Generator().manual_seed(0)
+    L, B, T, G, D = 3, 4, 7, 2, 5  # distinct sizes; 6 query heads
+    k = torch.randn(L, B, T, G, D, generator=g, dtype=torch.float64)
+    q = torch.randn(L, B, 6, D, generator=g, dtype=torch.float64)
+    mapping = torch.tensor(kv_head_of)
+    s = grouped_einsum(k, q, "layer batch key_pos kv_head d_head, layer batch head d_head -> "
+                       "layer batch head key_pos", kv_head_of=mapping)
+    assert s.shape == (L, B, 6, T)
+    for h, grp in enumerate(kv_head_of):
+        assert (s[:, :, h] - (k[:, :, :, grp] @ q[:, :, h, :, None])[..., 0]).abs().max() < F64_TOL
+    z = grouped_einsum(s, k, "layer batch head key_pos, layer batch key_pos kv_head d_head -> "
+                       "layer batch head d_head", kv_head_of=mapping)
+    per_head = expand_kv(k, mapping, dim=3)
+    for h in range(6):
+        ref = (s[:, :, h, None, :] @ per_head[:, :, :, h])[:, :, 0]
+        assert (z[:, :, h] - ref).abs().max() < F64_TOL
+
+
 def test_llama_record_matches_explicit_reference_every_layer(tiny64):
     model = tiny64
     pairs = _pairs(model)
     rec = ip.trace(model, pairs, positions="all")
     theta = model.original_model.config.rope_parameters["rope_theta"]
     H, G, d = rec.n_heads, rec.n_kv_heads, rec.d_head
-    assert (H, G) == (4, 2) and rec.kv_head_of.tolist() == [0, 0, 1, 1]
+    assert (H, G) == (6, 2) and rec.kv_head_of.tolist() == [0, 0, 0, 1, 1, 1]
     for li, layer in enumerate(rec.layers):
         for b, pair in enumerate(pairs):
             n = len(pair.icl_ids)
@@ -101,7 +126,7 @@ def test_record_matches_plain_transformers_forward(tiny64):
 def test_other_architectures_exact_scores_and_outputs(arch):
     # neox: Pythia's layout, rotary on the first quarter of each head (rotary_pct = 0.25),
     # which the bridge's post-rotary hooks never see: trace rotates q and k itself
-    model = ip.tiny_model(arch, dtype=torch.float64, n_heads=4, d_model=40, d_head=10, seed=2)
+    model = ip.tiny_model(arch, dtype=torch.float64, seed=2, **TINY_FUSED)
     pairs = _pairs(model, n=2)
     rec = ip.trace(model, pairs, positions="all")
     assert rec.q_rotated
@@ -114,7 +139,7 @@ def test_other_architectures_exact_scores_and_outputs(arch):
             x = rec.attn_in[li, b, :n]
             q = torch.einsum("pm,hmd->phd", x, rec.W_Q[li]) + rec.b_Q[li]
             k = torch.einsum("pm,hmd->phd", x, rec.W_K[li]) + rec.b_K[li]
-            if arch == "neox":  # rotate-half over the first 10 * 0.25 = 2 dims only
+            if arch == "neox":  # rotate-half over the first int(10 * 0.25) = 2 dims only
                 theta = model.original_model.config.rope_parameters["rope_theta"]
                 pos = torch.arange(n)
                 q = torch.cat([_rotary(q[..., :2], pos, theta), q[..., 2:]], -1)
@@ -131,8 +156,8 @@ def test_other_architectures_exact_scores_and_outputs(arch):
 
 
 def test_batched_equals_unbatched(tiny64):
-    pairs = _pairs(tiny64, n=4)
-    assert len({len(p.icl_ids) for p in pairs}) == 4
+    pairs = _pairs(tiny64)
+    assert len({len(p.icl_ids) for p in pairs}) == len(pairs)
     batched = ip.trace(tiny64, pairs, positions="demos", batch_size=3)
     for b, pair in enumerate(pairs):
         alone = ip.trace(tiny64, [pair], positions="demos")
@@ -173,7 +198,7 @@ def test_zero_shot_run_uses_the_suffix(tiny64):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(what=("nonsense",)), "unknown"),
-    (dict(layers=[5]), "layers 0..1"),
+    (dict(layers=[5]), r"layer 5 is out of range; the model's layers are 0\.\.2"),
     (dict(positions=[[10_000]]), "positions"),
     (dict(positions="middle"), "expected 'pred'"),
     (dict(kind="few"), "'icl' or 'zs'"),

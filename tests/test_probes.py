@@ -7,13 +7,15 @@ import pytest
 import torch
 
 import icl_probe as ip
+from conftest import TINY_FUSED, TINY_LLAMA
+from icl_probe.hooks import group_mapping
 from icl_probe.probes import _linear_attention, mlp_first_layers
 
 F64_TOL = 1e-10  # float64 on tiny models
 F32_TOL = 1e-5  # float32 on the embedded model (docs/science.md, Rank-1 MLP update)
 
 
-def _pairs(model, n=3, k=2, task="capital"):
+def _pairs(model, n=5, k=2, task="capital"):
     return [ip.build_prompt(model, task, query=q, k=k + q, seed=q) for q in range(n)]
 
 
@@ -28,7 +30,7 @@ def test_dual_form_identity_on_random_tensors():
     W0 = torch.randn(d_v, d_k, generator=g, dtype=torch.float64)
     keys = torch.ones(B, N, dtype=torch.float64)
     keys[1, 5:] = 0  # a shorter prompt
-    lin = _linear_attention(X, E, x, keys)
+    lin = _linear_attention(X, E, x, keys, group_mapping(G * R, G))
     for l in range(L):
         for b in range(B):
             for h in range(G * R):
@@ -60,7 +62,8 @@ def test_updates_against_python_loops(tiny64):
                 assert (up.dW_icl[li, b, h] - dW).abs().max() < F64_TOL
                 assert (up.W_zs[li, b, h] - Wzs).abs().max() < F64_TOL
                 for i, d in enumerate(p.spans.demos):
-                    term = sum(torch.outer(vv[j], kk[j]) for j in range(d.whole.start, d.whole.stop))
+                    term = sum(torch.outer(vv[j], kk[j]) for j in range(d.whole.start,
+                                                                        d.whole.stop))
                     assert (up.demo_terms[li, b, i, h] - term).abs().max() < F64_TOL
                     assert abs(up.demo_norms[li, b, i, h] - term.norm()) < F64_TOL
                 a = rec.pattern[li, b, pred, h]
@@ -80,9 +83,9 @@ def test_updates_against_python_loops(tiny64):
     assert (lean.demo_norms - up.demo_norms).abs().max() < 1e-9
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_every_identity_holds_in_float64(arch):
-    model = ip.tiny_model(arch, dtype=torch.float64, n_heads=4, d_model=40, d_head=10, seed=4)
+@pytest.mark.parametrize("arch, sizes", [("llama", TINY_LLAMA), ("gpt2", TINY_FUSED)])
+def test_every_identity_holds_in_float64(arch, sizes):
+    model = ip.tiny_model(arch, dtype=torch.float64, seed=4, **sizes)
     df = ip.verify_identities(model, _pairs(model))
     kinds = df.groupby("identity").kind.first().to_dict()
     assert kinds == {
@@ -110,23 +113,25 @@ def test_every_identity_holds_on_the_embedded_model(embedded):
 
 
 def test_batched_equals_unbatched(tiny64):
-    pairs = _pairs(tiny64, n=3)
-    batched = ip.implied_updates(tiny64, pairs, batch_size=2)
+    pairs = _pairs(tiny64)
+    batched = ip.implied_updates(tiny64, pairs, batch_size=3)
     for b, p in enumerate(pairs):
         alone = ip.implied_updates(tiny64, [p])
-        for name in ("dW_icl", "W_zs", "lam", "z_Q", "z_D", "fidelity_err", "u_ctx", "u_0", "mlp_b"):
+        for name in ("dW_icl", "W_zs", "lam", "z_Q", "z_D", "fidelity_err", "u_ctx", "u_0",
+                     "mlp_b"):
             x, y = getattr(alone, name)[:, 0], getattr(batched, name)[:, b]
             assert (x - y).abs().max() < F64_TOL, name
-        assert (alone.demo_norms[:, 0, : p.k] - batched.demo_norms[:, b, : p.k]).abs().max() < F64_TOL
+        demo_norms = alone.demo_norms[:, 0, : p.k] - batched.demo_norms[:, b, : p.k]
+        assert demo_norms.abs().max() < F64_TOL
 
 
 def test_table_is_tidy(tiny64):
-    pairs = _pairs(tiny64, n=2)
+    pairs = _pairs(tiny64)
     up = ip.implied_updates(tiny64, pairs)
     df = up.table()
     assert list(df.columns) == ["task", "prompt", "layer", "head", "demo", "quantity", "value"]
     per_head = df[df.quantity == "lambda"]
-    assert len(per_head) == 2 * tiny64.cfg.n_layers * tiny64.cfg.n_heads
+    assert len(per_head) == len(pairs) * tiny64.cfg.n_layers * tiny64.cfg.n_heads
     demo_rows = df[df.quantity == "dW_icl_demo_norm"]
     assert len(demo_rows) == sum(p.k for p in pairs) * tiny64.cfg.n_layers * tiny64.cfg.n_heads
     assert df[df.quantity == "mlp_dW_gate_norm"]["head"].eq(-1).all()
