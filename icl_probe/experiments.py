@@ -415,8 +415,12 @@ def rebuild_report(out: str | Path) -> Path:
     units (any time: while shards still run, the report says how many units are missing)."""
     out = Path(out)
     config = stamped_config(out)
-    models = sorted(p.stem for p in (out / "provenance").glob("*.json")) or list(
-        model_specs(config))
+    ran = [p.stem for p in sorted((out / "provenance").glob("*.json"))]
+    listed = list(model_specs(config))
+    # the config's models, and any other a run was given (--model); a directory written only
+    # by runs with another model does not count the config's own as missing
+    models = listed + [k for k in ran if k not in listed] if set(ran) & set(listed) or not ran \
+        else ran
     missing = _missing(out, config, models)
     return write_report(config, out, missing=len(missing))
 

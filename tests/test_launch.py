@@ -53,7 +53,7 @@ def model_dirs(tmp_path_factory):
 def _config(model_dirs, **over) -> Config:
     body = {"experiment": {"name": "multi", "sections": ["icl_vs_gd", "real_heads"],
                            "models": list(model_dirs)},
-            "icl_vs_gd": dict(tasks=["capital", "antonym"], k=2, queries=3, dev_queries=2,
+            "icl_vs_gd": dict(tasks=["capital"], k=2, queries=3, dev_queries=2,
                               lrs=[1e-3, 1e-1], methods=["dai"], seeds=[0],
                               baselines=["shuffled_labels", "untrained"]),
             "real_heads": dict(tasks=["capital"], prompts=2, k=2)}
