@@ -1,12 +1,21 @@
 """icl-probe: is in-context learning gradient descent? Probe real transformers to find out.
 
-Five verbs carry the work::
+The verbs, in the order a probing script uses them::
 
     import icl_probe as ip
     model = ip.load_model()                                   # embedded SmolLM2-135M-Instruct
     task = ip.load_task("capital")                            # a shipped task, or a task file
     pair = ip.build_prompt(model, task, query=0, k=8, seed=0) # ICL prompt + its zero-shot twin
     record = ip.trace(model, [pair])                          # every attention layer, at p
+    updates = ip.implied_updates(model, [pair])               # the implied weight updates
+    ft = ip.finetune(model, pair, ip.FineTuneConfig("dai", lr=1e-2))  # GD on the demos
+    tables = ip.compare(model, "sentiment", k=32)             # ICL vs GD, the anchors' protocol
+    ip.run_experiment(ip.load_config("experiments/default.toml"))  # a config, with its report
+
+The result types (:class:`AttentionRecord`, :class:`PromptPair`, :class:`ImpliedUpdates`,
+:class:`FineTune`, :class:`Tables`, ...) and every exception (:class:`IclProbeError` and its
+subclasses, all in :mod:`icl_probe.errors`) are exported here; plumbing (``expand_kv``, the
+model cache, the output directory, launchers) stays in its submodule.
 
 Glossary of axis names, used in every docstring and shape comment:
 
@@ -28,23 +37,33 @@ Conventions follow TransformerLens: hook names ``blocks.{l}.attn.hook_pattern``,
 (Notation) writes ``q = W_Q r``; docstrings say where the transpose matters.
 """
 
-from .protocol import CompareError, FineTuneConfig, Tables, compare
-from .errors import (CacheError, ConfigError, ExperimentError, IclProbeError, ModelLoadError,
+from .config import Config, load_config
+from .errors import (CacheError, CompareError, ConfigError, DualError, ExperimentError,
+                     FineTuneError, IclProbeError, ModelLoadError, PlotError, ProbeError,
                      PromptError, TaskFileError, TraceError)
-from .gd import FineTune, FineTuneError, FineTunedModel, finetune
-from .hooks import QUANTITIES, AttentionRecord, expand_kv, trace
-from .models import cache_dir, embedded_gguf_path, load_model, tiny_model
-from .probes import (ImpliedUpdates, ProbeError, implied_updates, update_trajectory,
-                     verify_identities)
-from .prompts import PromptPair, Spans, build_prompt, build_prompts
+from .experiments import run_experiment
+from .gd import FineTune, FineTuneConfig, FineTunedModel, finetune
+from .hooks import AttentionRecord, trace
+from .inspect import demo_mass
+from .models import load_model, tiny_model
+from .probes import ImpliedUpdates, implied_updates, update_trajectory, verify_identities
+from .protocol import Tables, compare
+from .prompts import PromptPair, build_prompt, build_prompts
 from .tasks import Task, load_anchor_dataset, load_task, shipped_tasks
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionRecord", "CacheError", "CompareError", "ConfigError", "ExperimentError", "FineTuneConfig", "Tables", "compare", "FineTune", "FineTuneError", "FineTunedModel", "finetune", "ImpliedUpdates", "ProbeError", "implied_updates",
-    "verify_identities", "IclProbeError", "ModelLoadError", "PromptError",
-    "PromptPair", "QUANTITIES", "Spans", "Task", "TaskFileError", "TraceError", "build_prompt",
-    "build_prompts", "cache_dir", "embedded_gguf_path", "expand_kv", "load_anchor_dataset",
-    "load_model", "load_task", "shipped_tasks", "tiny_model", "trace", "update_trajectory",
+    # verbs
+    "load_model", "tiny_model", "load_task", "load_anchor_dataset", "shipped_tasks",
+    "build_prompt", "build_prompts", "trace", "demo_mass", "implied_updates",
+    "verify_identities", "update_trajectory", "finetune", "compare", "load_config",
+    "run_experiment",
+    # result and configuration types
+    "AttentionRecord", "PromptPair", "Task", "ImpliedUpdates", "FineTune", "FineTunedModel",
+    "FineTuneConfig", "Tables", "Config",
+    # errors
+    "IclProbeError", "CacheError", "CompareError", "ConfigError", "DualError",
+    "ExperimentError", "FineTuneError", "ModelLoadError", "PlotError", "ProbeError",
+    "PromptError", "TaskFileError", "TraceError",
 ]

@@ -393,7 +393,8 @@ def validate(body: dict, where: str) -> dict:
                           f"{sections}; add it there or remove the table")
     ivg = out.get("icl_vs_gd")
     if ivg is not None and isinstance(ivg["lrs"], dict):
-        from .protocol import CompareError, lr_grid
+        from .errors import CompareError
+        from .protocol import lr_grid
 
         try:
             lr_grid(ivg["lrs"], ivg["methods"])

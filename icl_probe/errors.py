@@ -37,3 +37,24 @@ class ExperimentError(IclProbeError):
 
 class ConfigError(ExperimentError):
     """An experiment config is malformed: the message names the file, the table and the key."""
+
+
+class ProbeError(IclProbeError):
+    """A probe cannot be computed for these prompts or this model."""
+
+
+class FineTuneError(IclProbeError):
+    """A fine-tuning request is malformed."""
+
+
+class CompareError(IclProbeError):
+    """A comparison request is malformed (queries, protocol, baselines, learning rates)."""
+
+
+class DualError(IclProbeError):
+    """A synthetic-regression / linear-self-attention request does not fit (shapes, sizes,
+    settings); the message names the operation, what was given and what was expected."""
+
+
+class PlotError(IclProbeError):
+    """A plot was asked for a quantity or table it cannot draw."""

@@ -98,7 +98,8 @@ def _comparison(model: Any, c: IclVsGdSection, task: str, ctx: dict) -> Any:
 
 def _icl_vs_gd_run(model: Any, u: dict, c: IclVsGdSection, ctx: dict
                    ) -> dict[str, pd.DataFrame]:
-    from .protocol import FineTuneConfig, lr_grid, select_lr, sweep_rows
+    from .gd import FineTuneConfig
+    from .protocol import lr_grid, select_lr, sweep_rows
 
     comp = _comparison(model, c, u["task"], ctx)
     if u["stage"] == "sweep":

@@ -5,9 +5,9 @@ Gradient-descent comparators).
 ``θ_FT − θ_0`` and restores ``θ_0`` exactly (from the saved originals), so the base model is
 unchanged afterwards. Memory while training: the model, a copy of the trained parameters'
 original values (needed for the exact restore: float deltas cannot give θ_0 back bit for bit),
-their gradients and the optimiser's state; afterwards: the model and the deltas. The returned :class:`FineTune` carries the deltas and ``ft.model``, a
-view of the base model with the deltas applied during each forward (and to the weights it
-reports), usable with :func:`icl_probe.trace` and :func:`icl_probe.implied_updates`.
+their gradients and the optimiser's state; afterwards: the model and the deltas. The returned
+:class:`FineTune` carries the deltas and ``ft.model``, a view of the base model with the
+deltas applied during each forward (and to the weights it reports), usable with :func:`icl_probe.trace` and :func:`icl_probe.implied_updates`.
 
 Methods (one training example = ``[BOS] + one demonstration's tokens``; loss = causal-LM
 cross-entropy averaged over the demonstration's input and label tokens, as in Dai et al.'s
@@ -43,6 +43,7 @@ bridge's split q/k/v maps (``transformer.h.0.attn.k.weight``), which its forward
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import IclProbeError
+from .errors import FineTuneError
 from .hooks import query_capture_hooks
 from .prompts import PromptPair, Span
 
@@ -62,8 +63,41 @@ DIVERGENCE_FACTOR = 3.0
 PARAM_SETS = ("kv", "qkvo", "mlp", "all")
 
 
-class FineTuneError(IclProbeError):
-    """A fine-tuning request is malformed."""
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """One fine-tuning setting (see :func:`icl_probe.finetune`): ``method`` (``dai``,
+    ``batch``, ``adam``, ``lcgd``), ``params`` (``kv``, ``qkvo``, ``mlp``, ``all``, ``v:L``),
+    ``lr``, ``steps`` (full-batch GD), ``epochs`` (Adam) and ``loss_tokens`` (``demo``:
+    input + label, Dai's choice; ``demo+sep``; ``label``)."""
+
+    method: str = "dai"
+    params: str = "kv"
+    lr: float = 1e-3
+    steps: int = 1
+    epochs: int = 1
+    loss_tokens: str = "demo"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise FineTuneError(f"FineTuneConfig(method={self.method!r}): expected one of "
+                                f"{METHODS}")
+        if self.loss_tokens not in LOSS_TOKENS:
+            raise FineTuneError(f"FineTuneConfig(loss_tokens={self.loss_tokens!r}): expected one "
+                               f"of {LOSS_TOKENS}")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < float("inf")):
+            raise FineTuneError(f"FineTuneConfig(lr={self.lr!r}): expected a positive finite rate")
+        for name in ("steps", "epochs"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise FineTuneError(f"FineTuneConfig({name}={v!r}): expected an integer >= 1")
+
+    @property
+    def name(self) -> str:
+        """``dai``, or ``dai[qkvo]`` when the parameter set is not Dai's ``kv``."""
+        return self.method + ("" if self.params == "kv" else f"[{self.params}]")
+
+    def kwargs(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def canonical_name(bridge_name: str) -> str:
@@ -408,7 +442,7 @@ def _example_loss(model: Any, ids: torch.Tensor, mask: torch.Tensor, method: str
 def finetune(
     model: Any,
     pair: PromptPair,
-    method: str = "dai",
+    method: str | FineTuneConfig = "dai",
     params: str = "kv",
     lr: float = 1e-3,
     *,
@@ -420,7 +454,19 @@ def finetune(
 ) -> FineTune:
     """Fine-tune on exactly ``pair``'s demonstrations; return the real deltas and a
     fine-tuned view of the model (see the module docstring for methods and parameter sets).
-    The base model's parameters are restored exactly before returning."""
+    The base model's parameters are restored exactly before returning. ``method`` may be a
+    :class:`FineTuneConfig`, which then gives every setting (the keyword arguments it has must
+    be left at their defaults)."""
+    if isinstance(method, FineTuneConfig):
+        cfg, default = method, FineTuneConfig()
+        given = dict(params=params, lr=lr, steps=steps, epochs=epochs, loss_tokens=loss_tokens)
+        clash = [k for k, v in given.items() if v != getattr(default, k)]
+        if clash:
+            raise FineTuneError(f"finetune(config, {clash[0]}=...): give {clash[0]} in the "
+                                "FineTuneConfig, not beside it")
+        return finetune(model, pair, cfg.method, cfg.params, cfg.lr, steps=cfg.steps,
+                        epochs=cfg.epochs, loss_tokens=cfg.loss_tokens,
+                        record_queries=record_queries, seed=seed)
     if method not in METHODS:
         raise FineTuneError(f"method={method!r}: expected one of {METHODS}")
     if not pair.spans.demos:
@@ -509,6 +555,7 @@ def finetune(
     return ft
 
 
-def finetune_sweep(model: Any, pair: PromptPair, lrs: Sequence[float], **kwargs: Any) -> list[FineTune]:
+def finetune_sweep(model: Any, pair: PromptPair, lrs: Sequence[float], **kwargs: Any
+                   ) -> list[FineTune]:
     """:func:`finetune` at each learning rate; diverged runs are kept (``ft.diverged``)."""
     return [finetune(model, pair, lr=lr, **kwargs) for lr in lrs]

@@ -18,6 +18,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .errors import PlotError
+
 _TITLES = {
     "dW_icl_norm": "‖ΔW_ICL‖_F (dual form, head space)",
     "lambda": "λ: attention mass on demonstrations at p",
@@ -48,7 +50,7 @@ def probe_heatmap(updates: Any, quantity: str = "dW_icl_norm", prompt: int | Non
     df = updates.table(ranks=False)
     df = df[(df.quantity == quantity) & (df["head"] >= 0)]
     if df.empty:
-        raise ValueError(f"no per-head quantity {quantity!r}; try one of {sorted(_TITLES)}")
+        raise PlotError(f"no per-head quantity {quantity!r}; try one of {sorted(_TITLES)}")
     if prompt is not None:
         df = df[df.prompt == prompt]
     m = df.groupby(["layer", "head"]).value.mean().unstack("head").sort_index()

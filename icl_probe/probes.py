@@ -52,14 +52,10 @@ from jaxtyping import Bool, Float, Int
 
 from .architectures import (allowed_keys, attention_pattern, attention_scores, attention_spec,
                             rotate_like_model)
-from .errors import IclProbeError
+from .errors import ProbeError
 from .hooks import (AttentionRecord, check_batch_size, expand_kv, grouped_einsum, resolve_layers,
                     trace)
 from .prompts import PromptPair
-
-
-class ProbeError(IclProbeError):
-    """A probe cannot be computed for these prompts or this model."""
 
 
 _TRACE_WHAT = ("q", "k", "v", "pattern", "z", "mlp_in", "mlp_out")

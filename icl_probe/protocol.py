@@ -51,7 +51,8 @@ from tqdm.auto import tqdm
 
 from . import comparison as M
 from . import stats
-from .errors import IclProbeError
+from .errors import CompareError
+from .gd import FineTuneConfig
 from .hooks import trace
 from .models import untrained_copy
 from .prefix import trace_shared_prefix
@@ -83,48 +84,6 @@ LAYER_CI_METRICS = ("SimAOU_norm", "SimAOU", "SimAM_delta", "Kendall", "weight_c
 ICL_WHAT = ("scores", "attn_out")
 ZS_BATCH = 32  # zero-shot prompts are short: larger batches cost little memory
 ZS_WHAT = ("q", "k", "v", "scores", "attn_out")
-
-
-class CompareError(IclProbeError):
-    """A comparison request is malformed (queries, protocol, baselines, learning rates)."""
-
-
-@dataclass(frozen=True)
-class FineTuneConfig:
-    """One fine-tuning setting (see :func:`icl_probe.finetune`): ``method`` (``dai``,
-    ``batch``, ``adam``, ``lcgd``), ``params`` (``kv``, ``qkvo``, ``mlp``, ``all``, ``v:L``),
-    ``lr``, ``steps`` (full-batch GD), ``epochs`` (Adam) and ``loss_tokens`` (``demo``:
-    input + label, Dai's choice; ``demo+sep``; ``label``)."""
-
-    method: str = "dai"
-    params: str = "kv"
-    lr: float = 1e-3
-    steps: int = 1
-    epochs: int = 1
-    loss_tokens: str = "demo"
-
-    def __post_init__(self) -> None:
-        from .gd import LOSS_TOKENS, METHODS
-
-        if self.method not in METHODS:
-            raise CompareError(f"FineTuneConfig(method={self.method!r}): expected one of {METHODS}")
-        if self.loss_tokens not in LOSS_TOKENS:
-            raise CompareError(f"FineTuneConfig(loss_tokens={self.loss_tokens!r}): expected one "
-                               f"of {LOSS_TOKENS}")
-        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < float("inf")):
-            raise CompareError(f"FineTuneConfig(lr={self.lr!r}): expected a positive finite rate")
-        for name in ("steps", "epochs"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise CompareError(f"FineTuneConfig({name}={v!r}): expected an integer >= 1")
-
-    @property
-    def name(self) -> str:
-        """``dai``, or ``dai[qkvo]`` when the parameter set is not Dai's ``kv``."""
-        return self.method + ("" if self.params == "kv" else f"[{self.params}]")
-
-    def kwargs(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def _as_configs(gd: Any) -> list[FineTuneConfig]:

@@ -91,3 +91,36 @@ def test_any_malformed_manifest_is_a_corrupt_cache(tmp_path, edit):
     (d / models._MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ip.CacheError):
         models.verify_cache(d)
+
+
+def test_every_exception_lives_in_errors_and_is_exported():
+    import importlib
+    import inspect
+    import pkgutil
+
+    import icl_probe as ip
+
+    found = set()
+    for info in pkgutil.walk_packages(ip.__path__, "icl_probe."):
+        mod = importlib.import_module(info.name)
+        for name, obj in vars(mod).items():
+            if inspect.isclass(obj) and issubclass(obj, Exception) and \
+                    obj.__module__.startswith("icl_probe"):
+                assert obj.__module__ == "icl_probe.errors", (info.name, name)
+                found.add(obj.__name__)
+    assert found and found <= set(ip.__all__)
+    assert all(issubclass(getattr(ip, n), ip.IclProbeError) for n in found)
+
+
+def test_the_public_surface_is_the_readme_s_and_holds_no_plumbing():
+    import re
+    from pathlib import Path
+
+    import icl_probe as ip
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    used = set(re.findall(r"\bip\.([A-Za-z_]\w*)", readme)) - {"models", "gd"}  # submodules
+    assert used <= set(ip.__all__), used - set(ip.__all__)
+    for plumbing in ("expand_kv", "cache_dir", "embedded_gguf_path", "Spans", "QUANTITIES"):
+        assert plumbing not in ip.__all__
+    assert all(hasattr(ip, n) for n in ip.__all__)

@@ -192,3 +192,16 @@ def test_all_finetune_view_patches_one_module_at_a_time(tiny, pair):
     with torch.no_grad():
         base = tiny(pair.zs_ids[None])
     assert (out - base).abs().max() > 1e-8  # the deltas do act
+
+
+def test_finetune_takes_a_config_and_refuses_settings_beside_it(tiny, pair):
+    model = tiny
+    cfg = ip.FineTuneConfig(method="batch", lr=5e-3, steps=2)
+    a = ip.finetune(model, pair, cfg)
+    b = ip.finetune(model, pair, "batch", lr=5e-3, steps=2)
+    assert a.deltas.keys() == b.deltas.keys()
+    assert all(torch.equal(a.deltas[n], b.deltas[n]) for n in a.deltas)
+    with pytest.raises(ip.FineTuneError, match="give lr in the FineTuneConfig"):
+        ip.finetune(model, pair, cfg, lr=1e-2)
+    with pytest.raises(ip.FineTuneError, match="FineTuneConfig\\(method='sgd'\\)"):
+        ip.FineTuneConfig(method="sgd")

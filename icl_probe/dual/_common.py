@@ -9,12 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import IclProbeError
-
-
-class DualError(IclProbeError):
-    """A synthetic-regression / linear-self-attention request does not fit (shapes, sizes,
-    settings); the message names the operation, what was given and what was expected."""
+from ..errors import DualError
 
 
 def check_regression(op: str, x: torch.Tensor, y: torch.Tensor,
