@@ -83,7 +83,7 @@ from .prompts import PromptPair
 #   "query": (batch, pos, ...) gathered at the captured positions
 #   "key":   (batch, pos, kv_head, d_head) gathered at the key positions
 #   "row":   (batch, head, q_pos, k_pos) rows gathered at the captured positions
-_HOOKS: dict[str, tuple[str, str]] = {
+HOOKS: dict[str, tuple[str, str]] = {
     "resid_pre": ("blocks.{l}.hook_resid_pre", "query"),
     "attn_in": ("blocks.{l}.attn.hook_in", "query"),
     "q": ("blocks.{l}.attn.hook_rot_q", "query"),
@@ -105,7 +105,7 @@ EXTRA: dict[str, tuple[str, str]] = {
     "rot_sin": ("blocks.{l}.attn.hook_sin", "query"),
 }
 DERIVED = {"head_out": "blocks.{l}.attn.hook_result"}
-QUANTITIES = tuple(_HOOKS) + tuple(DERIVED)
+QUANTITIES = tuple(HOOKS) + tuple(DERIVED)
 _KV_NAMES = ("k", "v", "W_K", "W_V", "b_K", "b_V")
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -352,7 +352,7 @@ def _resolve_positions(spec: PositionSpec, prompt: Any, i: int, ids: torch.Tenso
     return pos
 
 
-def _pad_stack(rows: list[torch.Tensor], fill: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_stack(rows: list[torch.Tensor], fill: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     width = max((len(r) for r in rows), default=0)
     out = torch.full((len(rows), width), fill, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.bool)
@@ -362,7 +362,7 @@ def _pad_stack(rows: list[torch.Tensor], fill: int = 0) -> tuple[torch.Tensor, t
     return out, mask
 
 
-def _pad_to(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+def pad_to(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     if x.shape[dim] == size:
         return x
     shape = list(x.shape)
@@ -419,19 +419,12 @@ def _stack_weights(model: Any, layers: Sequence[int]) -> dict[str, torch.Tensor]
 # ------------------------------------------------------------------------------ trace
 
 
-def _live_hooks(model: Any) -> frozenset[str]:
-    """Layer-0 hook names (``{l}`` templates) that actually fire on this model: some bridges
-    register hooks that their architecture never calls (e.g. ``hook_rot_q`` on GPT-NeoX).
-    See :func:`icl_probe.architectures.live_hooks`."""
-    return live_hooks(model)
-
-
-def _hook_names(model: Any) -> tuple[dict[str, str], bool]:
+def hook_names(model: Any) -> tuple[dict[str, str], bool]:
     """The TransformerLens hook name (template) of each quantity, and whether every quantity
     is read straight off that hook. False where this module rotates q and k itself or
     recomputes the scores after the forward (GPT-NeoX, GPT-J): callers that register the hooks
     themselves must then go through :func:`trace`."""
-    names = {q: t for q, (t, _) in _HOOKS.items()}
+    names = {q: t for q, (t, _) in HOOKS.items()}
     names.update(DERIVED)
     spec = attention_spec(model)
     if spec.rotary_from == "none":
@@ -520,7 +513,7 @@ def _plan(model: Any, spec: AttentionSpec, captured: Sequence[str], live: frozen
             else:
                 missing.append(w)
         else:
-            template, layout = _HOOKS[w] if w in _HOOKS else EXTRA[w]
+            template, layout = HOOKS[w] if w in HOOKS else EXTRA[w]
             if template not in live:
                 missing.append(w)
             else:
@@ -675,7 +668,7 @@ def query_capture_hooks(model: Any, store: list[torch.Tensor]) -> list[tuple[str
     return hooks
 
 
-def _logits_to_keep(model: Any, last: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def logits_to_keep(model: Any, last: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Only the prediction positions need logits: where the model's forward takes
     ``logits_to_keep`` (transformers' causal LMs), unembed just those positions (the
     unembedding of every position is most of a short prompt's forward on a 49k vocabulary).
@@ -739,7 +732,7 @@ def trace(
                     (w != "scores" or spec.scores_hooked)]
     plan, missing = _plan(model, spec, captured, live)
     if missing and what is not None:
-        names, _ = _hook_names(model)
+        names, _ = hook_names(model)
         template = {**names, **{q: t for q, (t, _) in EXTRA.items()}}[missing[0]]
         raise TraceError(
             f"trace(what={list(wanted)}): this model ({spec.family}) has no live hook "
@@ -802,15 +795,15 @@ def trace(
             ids = torch.full((len(chunk), L), pad_id, dtype=torch.long)
             for r, i in enumerate(chunk):
                 ids[r, : lengths[i]] = id_list[i]
-            idx, _ = _pad_stack([pos_rows[i] for i in chunk])
-            kidx = None if all_keys else _pad_stack([key_rows[i] for i in chunk])[0]
+            idx, _ = pad_stack([pos_rows[i] for i in chunk])
+            kidx = None if all_keys else pad_stack([key_rows[i] for i in chunk])[0]
             cap.set_batch(idx, kidx, lengths[chunk])
             # No padding mask: with right padding the causal mask already keeps every real
             # token off the padding. A padding mask would leave the padding's own rows fully
             # masked under a sliding window (Mistral, Gemma), and their NaNs reach real rows of
             # the next layer through 0 * NaN.
             last = lengths[chunk] - 1
-            keep, kwargs = _logits_to_keep(model, last)
+            keep, kwargs = logits_to_keep(model, last)
             logits = model(ids.to(device), **kwargs)
             cap.finish()
             part = logits[torch.arange(len(chunk), device=logits.device), keep.to(logits.device)]
@@ -820,19 +813,19 @@ def trace(
     # Reassemble in the caller's order, padding chunk-local axes to the global widths.
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
-    positions_t, pos_mask = _pad_stack(pos_rows)
-    key_t, key_mask = _pad_stack(key_rows)
+    positions_t, pos_mask = pad_stack(pos_rows)
+    key_t, key_mask = pad_stack(key_rows)
     P, K, T = positions_t.shape[1], key_t.shape[1], int(lengths.max())
-    layouts = {q: (_HOOKS.get(q) or EXTRA[q])[1] for q in captured}
+    layouts = {q: (HOOKS.get(q) or EXTRA[q])[1] for q in captured}
     data: dict[str, torch.Tensor] = {}
     for q in captured:
         layout = layouts[q]
         per_layer = []
         for slot in range(len(layer_list)):
             parts = cap.out[q][slot]
-            parts = [_pad_to(x, 1, K if layout == "key" else P) for x in parts]
+            parts = [pad_to(x, 1, K if layout == "key" else P) for x in parts]
             if layout == "row":
-                parts = [_pad_to(x, 3, T) for x in parts]
+                parts = [pad_to(x, 3, T) for x in parts]
             per_layer.append(torch.cat(parts, 0)[inverse.to(parts[0].device)])
         data[q] = torch.stack(per_layer)
         if layout == "query" or layout == "row":
@@ -858,7 +851,7 @@ def trace(
         causal = torch.arange(T)[None, None, :] <= positions_t[:, :, None]
         ok = (valid[:, None, :] & causal).to(x.device)[None, :, :, None, :]
         data["scores"] = x.masked_fill(~ok | (x <= torch.finfo(x.dtype).min / 2), float("-inf"))
-    names, _ = _hook_names(model)
+    names, _ = hook_names(model)
     names.update({q: t for q, (t, _) in EXTRA.items()})
     n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
     return AttentionRecord(

@@ -35,9 +35,9 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .errors import TraceError
-from .architectures import attention_spec
-from .hooks import (_HOOKS, QUANTITIES, AttentionRecord, _hook_names, _live_hooks,
-                    _logits_to_keep, _pad_stack, _pad_to, attention_weights, group_mapping, trace)
+from .architectures import attention_spec, live_hooks
+from .hooks import (HOOKS, QUANTITIES, AttentionRecord, attention_weights, group_mapping,
+                    hook_names, logits_to_keep, pad_stack, pad_to, trace)
 from .prompts import PromptPair
 
 
@@ -61,7 +61,7 @@ def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
     prefix every prompt shares run once (see the module docstring)."""
     what = tuple(QUANTITIES) if what is None else tuple(dict.fromkeys(what))
     P = shared_prefix_length(pairs) if len(pairs) > 1 else 0
-    names, direct = _hook_names(model)
+    names, direct = hook_names(model)
     spec = attention_spec(model)
     # the shortcut reads every quantity straight off its hook: models whose q/k or scores
     # trace() completes after the forward, or whose sliding window masks keys, go through trace()
@@ -69,11 +69,11 @@ def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
         return trace(model, pairs, kind="icl", what=what, layers=layers, batch_size=batch_size)
     cfg = model.cfg
     layer_list = tuple(range(cfg.n_layers)) if layers is None else tuple(int(l) for l in layers)
-    unknown = [w for w in what if w not in _HOOKS]
+    unknown = [w for w in what if w not in HOOKS]
     if unknown:
         raise TraceError(f"trace_shared_prefix(what={list(what)}): unknown {unknown}; "
-                         f"known: {list(_HOOKS)}")
-    live = _live_hooks(model)
+                         f"known: {list(HOOKS)}")
+    live = live_hooks(model)
     missing = [q for q in what if names[q] not in live]
     if missing:
         raise TraceError(f"trace_shared_prefix: this model has no live hook for {missing}")
@@ -83,14 +83,14 @@ def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
     if int(lengths.max()) > cfg.n_ctx:
         raise TraceError(f"trace_shared_prefix: a prompt has {int(lengths.max())} tokens; the "
                          f"context holds {cfg.n_ctx}")
-    key_q = [q for q in what if _HOOKS[q][1] == "key"]
+    key_q = [q for q in what if HOOKS[q][1] == "key"]
 
     # 1. the prefix, once: its cache, and its keys/values where asked for
     prefix_kv: dict[str, list[torch.Tensor]] = {q: [] for q in key_q}
     hooks = [(names[q].format(l=l), lambda x, hook=None, q=q: prefix_kv[q].append(x.detach()))
              for q in key_q for l in layer_list]
     with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
-        _, keep1 = _logits_to_keep(model, torch.tensor([P - 1]))  # logits: one position
+        _, keep1 = logits_to_keep(model, torch.tensor([P - 1]))  # logits: one position
         out = model(ids[0][:P][None].to(device), return_type="logits_and_cache", **keep1)
     cache = out[1] if isinstance(out, tuple) else None
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
@@ -106,7 +106,7 @@ def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
     cur: dict[str, torch.Tensor] = {}
 
     def grab(q: str, slot: int):
-        layout = _HOOKS[q][1]
+        layout = HOOKS[q][1]
 
         def fn(x: torch.Tensor, hook: Any = None) -> None:
             rows = cur["rows"].to(x.device)  # prediction slot of each prompt in the suffix
@@ -133,7 +133,7 @@ def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
             cur["rows"] = lengths[chunk] - 1 - P
             c = copy.deepcopy(cache)
             c.batch_repeat_interleave(len(chunk))
-            keep, kw = _logits_to_keep(model, cur["rows"])
+            keep, kw = logits_to_keep(model, cur["rows"])
             logits = model(suffix.to(device), past_key_values=c, attention_mask=mask.to(device),
                            **kw)
             logits_parts.append(logits[torch.arange(len(chunk), device=logits.device),
@@ -145,24 +145,24 @@ def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
     T = int(lengths.max())
     data: dict[str, torch.Tensor] = {}
     for q in what:
-        layout = _HOOKS[q][1]
+        layout = HOOKS[q][1]
         per_layer = []
         for slot in range(len(layer_list)):
             parts = store[q][slot]
             if layout == "key":
                 pre = prefix_kv[q][slot]
                 parts = [torch.cat([pre.expand(x.shape[0], *pre.shape[1:]), x], 1) for x in parts]
-                parts = [_pad_to(x, 1, T) for x in parts]
+                parts = [pad_to(x, 1, T) for x in parts]
             elif layout == "row":
-                parts = [_pad_to(x, 3, T) for x in parts]
+                parts = [pad_to(x, 3, T) for x in parts]
             per_layer.append(torch.cat(parts, 0)[inverse.to(parts[0].device)])
         data[q] = torch.stack(per_layer)
     if "scores" in data:  # keys after each prompt's end are padding: -inf, as trace() has it
         valid = (torch.arange(T)[None, :] < lengths[:, None]).to(data["scores"].device)
         data["scores"] = data["scores"].masked_fill(~valid[None, :, None, None, :], float("-inf"))
     pred = lengths - 1
-    positions, pos_mask = _pad_stack([p[None] for p in pred])
-    key_t, key_mask = _pad_stack([torch.arange(int(n)) for n in lengths])
+    positions, pos_mask = pad_stack([p[None] for p in pred])
+    key_t, key_mask = pad_stack([torch.arange(int(n)) for n in lengths])
     n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
     return AttentionRecord(
         layers=layer_list, n_heads=cfg.n_heads, n_kv_heads=n_kv, d_head=cfg.d_head,

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .hooks import _logits_to_keep
+from .hooks import logits_to_keep
 from .prompts import PromptPair
 
 CANDIDATE_BATCH = 64
@@ -45,7 +45,7 @@ def answer_logprobs(model: Any, pairs: Sequence[PromptPair], kind: str,
     with torch.inference_mode():
         for b, pair in enumerate(pairs):
             ids = pair.ids(kind).to(device)
-            _, keep = _logits_to_keep(model, torch.tensor([len(ids) - 1]))
+            _, keep = logits_to_keep(model, torch.tensor([len(ids) - 1]))
             logits, cache = model(ids[None], return_type="logits_and_cache", **keep)
             first = torch.log_softmax((pred_logits[b] if pred_logits is not None
                                        else logits[0, -1]).double(), -1)
