@@ -391,13 +391,15 @@ def attention_weights(model: Any, layers: Sequence[int]) -> dict[str, torch.Tens
     TransformerLens convention: ``q = attn_in @ W_Q + b_Q`` (the papers write ``W_Q r``;
     docs/science.md, Notation).
 
-    Stacking them copies every attention matrix, so the result is cached on the model until
-    its parameters change."""
+    Half-precision weights are widened to float32, as records are. Stacking (and widening)
+    copies every attention matrix, so the result is cached on the model until its parameters
+    change: every record of one model shares one stack."""
     key = (tuple(layers), _weights_fingerprint(model))
     cached = model.__dict__.get("_icl_probe_weights")
     if cached is not None and cached[0] == key:
         return dict(cached[1])
-    out = _stack_weights(model, layers)
+    out = {k: (w.float() if w.dtype in _HALF else w)
+           for k, w in _stack_weights(model, layers).items()}
     model.__dict__["_icl_probe_weights"] = (key, out)
     return dict(out)
 
@@ -832,7 +834,6 @@ def trace(
             m = pos_mask.to(data[q].device).view(1, *pos_mask.shape, *([1] * (data[q].dim() - 3)))
             data[q] = data[q] * m
     weights = attention_weights(model, layer_list)
-    weights = {k: (w.float() if w.dtype in _HALF else w) for k, w in weights.items()}
     if store is not None:
         weights = {k: w.to(store) for k, w in weights.items()}
     if "head_out" in wanted:

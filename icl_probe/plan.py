@@ -158,9 +158,8 @@ def record_bytes(shape: ModelShape, what: Iterable[str], n_prompts: int, tokens:
     to ``tokens``, holding ``what`` at ``positions`` captured positions of every layer, with
     (``logits``) the logits at the prediction position and (``weights``) the stacked
     attention weights (biases, a few thousand numbers, left out). Records are float32
-    (half-precision models' records are widened). Records of one float32 model share one
-    stack of weights (cached on the model); a half-precision model's records each hold
-    their own widened copy."""
+    (half-precision models' records are widened); all records of one model share one stack of
+    weights (cached on the model)."""
     L, H, G, D, d = shape.n_layers, shape.n_heads, shape.n_kv_heads, shape.d_head, shape.d_model
     P, T, B = positions, tokens, n_prompts
     per = {"resid_pre": P * d, "attn_in": P * d, "attn_out": P * d, "resid_mid": P * d,
@@ -413,10 +412,10 @@ def plan(config: Config, *, model_name: str | None = None, dtype: str | None = N
             models = {"untrained", "embeddings_only"} & set(s.baselines)
             variants = 1 + len({"shuffled_labels"} & set(s.baselines)) + len(models)
             weights *= 1 + len(models)
-            # float32 models share one cached stack per model; half-precision records widen
-            # the weights into a stack of their own each
-            stacks = (1 + len(models) + 1) if b == 4 else (2 * variants + 1)
-            traces = refs + ft_rec + (2 if b == 4 else 3) * stack
+            # one cached float32 stack per model: the model, each random-weight baseline model
+            # and the fine-tuned model of the unit
+            stacks = 1 + len(models) + 1
+            traces = refs + ft_rec + 2 * stack
             held = len(s.tasks) * len(s.seeds) * variants * refs + ft_rec + stacks * stack
             tr_note = (f"{n} queries, ICL prompts up to {icl} tokens; a process holds "
                        f"{len(s.tasks)} tasks x {len(s.seeds)} seeds x {variants} variants "

@@ -214,3 +214,12 @@ def test_empty_and_too_long_prompts(tiny64):
         ip.trace(tiny64, [])
     with pytest.raises(ip.TraceError, match="context holds"):
         ip.trace(tiny64, [torch.zeros(tiny64.cfg.n_ctx + 1, dtype=torch.long)])
+
+
+def test_records_of_a_half_precision_model_share_one_widened_weight_stack():
+    model = ip.tiny_model(dtype=torch.bfloat16, seed=5)
+    pairs = ip.build_prompts(model, "capital", range(2), k=2)
+    a, b = ip.trace(model, pairs[:1]), ip.trace(model, pairs[1:])
+    for name in ("W_Q", "W_K", "W_V", "W_O"):
+        assert a.weights[name].dtype == torch.float32
+        assert a.weights[name].data_ptr() == b.weights[name].data_ptr(), name  # one copy
