@@ -1,10 +1,12 @@
 """Experiment configs: read, validated as a whole before anything is loaded.
 
-A config is a TOML file with an ``[experiment]`` table and one table per section it runs.
-:func:`load_config` checks every table and key against :data:`SCHEMA` (unknown tables and
-keys, wrong types, values out of range, tasks that do not exist), names the file, the key and
-the nearest valid name, and fills in the defaults, so a section reads exactly the values the
-run will use. Nothing is loaded and no directory is touched before the whole file passes.
+A config is a TOML file with an ``[experiment]`` table, an optional ``[cluster]`` table and one
+table per section it runs. Each table is a frozen dataclass (:data:`TABLES`) whose fields carry
+their check and default, the one place a key is defined. :func:`load_config` checks every table
+and key (unknown tables and keys, wrong types, values out of range, tasks that do not exist),
+names the file, the key and the nearest valid name, and fills in the defaults, so a section
+reads exactly the values the run will use (``config.settings("icl_vs_gd").k``). Nothing is
+loaded and no directory is touched before the whole file passes.
 
 >>> import tomllib
 >>> body = tomllib.loads('[experiment]\\nsections = ["real_heads"]\\n[real_heads]\\nprompts = 2')

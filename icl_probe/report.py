@@ -305,7 +305,8 @@ def _per_layer_figure(metric: str, d: pd.DataFrame) -> Any:
     for i, t in enumerate(tasks, 1):
         for j, m in enumerate(methods, 1):
             g = d[(d.row == t) & (d.method == m)]
-            for line, h in g.groupby("line"):
+            # ours last, so that it is drawn on top of the baselines it is compared with
+            for line, h in sorted(g.groupby("line"), key=lambda x: x[0] == "model"):
                 h = h.sort_values("layer")
                 colour = _LINE_COLOURS.get(line, "#5f6368")
                 name = "ours" if line == "model" else line
