@@ -216,9 +216,13 @@ def test_sigint_keeps_finished_units_and_exits_130(embedded, tmp_path):
                 'seeds = [0, 1, 2, 3]\nline_search_tasks = 200\neigen_tasks = 50\n'
                 'steps = 1500\nbatch_size = 128\neval_every = 500')
     out = tmp_path / "o"
+    # SIGINT back to its default in the child: a suite started in the background of a
+    # non-interactive shell (`make test &`) inherits it ignored, and Python then never raises
+    # KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "icl_probe.cli", "run", str(cfg), "--out",
-                             str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "units").is_dir():
         time.sleep(0.2)
