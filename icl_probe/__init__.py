@@ -30,7 +30,14 @@ d_model    residual stream width
 d_head     width of one head
 d_vocab    vocabulary size
 demo       demonstration index within a prompt
+d_mlp      hidden width of an MLP (its gate/in projections' output)
 =========  ==============================================================
+
+Where one contraction has two axes of one kind, the names say which: ``d_v`` / ``d_k`` (the
+value and key sides of an outer product ``v ⊗ k``, both ``d_head`` wide), ``d_out`` /
+``d_in`` (the two sides of a d_model x d_model map), ``key_i`` / ``key_j``;
+``model_space_layer`` indexes the layers an update was mapped into model space for, and
+``head_in_group`` a query head within its key/value group.
 
 Conventions follow TransformerLens: hook names ``blocks.{l}.attn.hook_pattern``, weights
 ``W_Q`` (layer head d_model d_head) with ``q = x @ W_Q``. The math in ``docs/science.md``

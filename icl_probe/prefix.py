@@ -36,8 +36,9 @@ import torch
 
 from .errors import TraceError
 from .architectures import attention_spec, live_hooks
-from .hooks import (HOOKS, QUANTITIES, AttentionRecord, attention_weights, group_mapping,
-                    hook_names, logits_to_keep, pad_stack, pad_to, trace)
+from .hooks import (HOOKS, QUANTITIES, AttentionRecord, attention_weights, check_batch_size,
+                    group_mapping, hook_names, logits_to_keep, pad_stack, pad_to, resolve_layers,
+                    trace)
 from .prompts import PromptPair
 
 
@@ -59,6 +60,8 @@ def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
                         batch_size: int = 16, min_prefix: int = 8) -> AttentionRecord:
     """:func:`icl_probe.trace` of the pairs' ICL prompts at the prediction position, with the
     prefix every prompt shares run once (see the module docstring)."""
+    layer_list = resolve_layers(layers, model.cfg.n_layers, "trace_shared_prefix")
+    check_batch_size(batch_size, "trace_shared_prefix")
     what = tuple(QUANTITIES) if what is None else tuple(dict.fromkeys(what))
     P = shared_prefix_length(pairs) if len(pairs) > 1 else 0
     names, direct = hook_names(model)
@@ -68,7 +71,6 @@ def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
     if P < min_prefix or not direct or "head_out" in what or any(spec.window):
         return trace(model, pairs, kind="icl", what=what, layers=layers, batch_size=batch_size)
     cfg = model.cfg
-    layer_list = tuple(range(cfg.n_layers)) if layers is None else tuple(int(l) for l in layers)
     unknown = [w for w in what if w not in HOOKS]
     if unknown:
         raise TraceError(f"trace_shared_prefix(what={list(what)}): unknown {unknown}; "

@@ -51,3 +51,16 @@ def test_model_space_layers_must_be_traced(tiny64):
     with pytest.raises(ip.ProbeError, match=r"model_space=\[2\]\): layers \[2\] are not among "
                                             r"the traced layers \[0\]"):
         _call("implied_updates", tiny64, layers=[0], model_space=[2])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(layers=[99]), r"layer 99 is out of range"),
+    (dict(batch_size=0), r"batch_size=0"),
+])
+def test_shared_prefix_trace_checks_its_arguments(kwargs, match):
+    from icl_probe.prefix import trace_shared_prefix
+
+    model = ip.tiny_model(seed=2)
+    pairs = ip.build_prompts(model, "capital", range(3), k=3)
+    with pytest.raises(ip.TraceError, match=match):
+        trace_shared_prefix(model, pairs, **kwargs)

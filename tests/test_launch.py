@@ -342,3 +342,25 @@ def test_a_model_that_cannot_fit_fails_before_loading(model_dirs, monkeypatch):
     monkeypatch.setenv(plan.SKIP_ENV, "1")
     with pytest.raises(pytest.fail.Exception):
         ip.load_model(model_dirs[0])  # the check skipped: the (patched) load runs
+
+
+def test_ctrl_c_while_local_jobs_run_cancels_them(model_dirs, tmp_path, monkeypatch):
+    import time
+
+    import icl_probe.launch as launch_mod
+
+    seen = []
+
+    def interrupted(jobs, *args):
+        seen.extend(jobs)
+        raise KeyboardInterrupt  # the user presses Ctrl-C while the jobs run
+
+    monkeypatch.setattr(launch_mod, "_watch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        launch(_config(model_dirs), out=tmp_path / "o", launcher="local", jobs=2, threads=1)
+    assert len(seen) == 2
+    deadline = time.time() + 30
+    while time.time() < deadline and not all(j.done() for j in seen):
+        time.sleep(0.2)
+    assert all(j.done() for j in seen)  # the subprocesses were stopped, not left running
+    assert not finished_units(tmp_path / "o")  # cancelled before their first unit
