@@ -101,7 +101,7 @@ def test_units_are_keyed_by_model_and_the_report_puts_models_side_by_side(serial
     page = (serial / "report.html").read_text()
     assert "models side by side" in page
     for m in ("tiny-a", "tiny-b"):
-        assert f"<th colspan=" in page and f"{m}, lr = " in page
+        assert "<th colspan=" in page and f"{m}, lr = " in page
         assert f"model {m}</h3>" in page  # the real_heads block of each model
         assert (serial / "provenance" / f"{m}.json").is_file()
 
