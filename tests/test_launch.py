@@ -364,3 +364,31 @@ def test_ctrl_c_while_local_jobs_run_cancels_them(model_dirs, tmp_path, monkeypa
         time.sleep(0.2)
     assert all(j.done() for j in seen)  # the subprocesses were stopped, not left running
     assert not finished_units(tmp_path / "o")  # cancelled before their first unit
+
+
+def test_slurm_options_come_from_the_config_and_the_command_line(model_dirs, tmp_path, capsys):
+    """icl-probe run CONFIG --launcher slurm: [cluster] gives the request, the command line
+    overrides it; nothing runs (the mocked sbatch only records the submission)."""
+    pytest.importorskip("submitit")
+    from submitit.slurm.test_slurm import mocked_slurm
+
+    from icl_probe.cli import main
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[experiment]\nsections = ["real_heads"]\nmodels = ["{model_dirs[0]}"]\n'
+                   '[real_heads]\nprompts = 1\nk = 2\n'
+                   '[cluster]\nlauncher = "slurm"\njobs = 4\npartition = "a100"\n'
+                   'gpus_per_task = 2\nmem_gb = 80\ntime = "2:00:00"\n'
+                   'sbatch = { account = "lab" }\n')
+    out = tmp_path / "o"
+    with mocked_slurm():
+        assert main(["run", str(cfg), "--out", str(out), "--time", "1-00:30:00"]) == 0
+    printed = capsys.readouterr().out
+    assert "job array" in printed and f"icl-probe report {out}" in printed
+    scripts = [p.read_text() for p in sorted((out / "jobs").glob("*/*_submission.sh"))]
+    # one unit: one shard with work, submitted as a single job (submitit makes no array of
+    # one), then the report job that depends on it
+    (work,) = [t for t in scripts if "--dependency" not in t]
+    for flag in ("--partition=a100", "--gpus-per-node=2", "--mem=80GB", "--account=lab",
+                 "--time=1470"):
+        assert flag in work, (flag, work)
