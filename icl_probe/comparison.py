@@ -17,6 +17,7 @@ below are pure (tensors in, numbers out) and are tested against slow references;
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -191,34 +192,59 @@ def same_norm_random(x: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     return r / r.norm(dim=-1, keepdim=True) * x.double().norm(dim=-1, keepdim=True)
 
 
+def _method_config(m: Any, lr: float, params: str) -> Any:
+    """A GD variant of the order-sensitivity table as a :class:`~icl_probe.FineTuneConfig`:
+    a config as given; a method name (``"dai"``, ``"batch"``, ``"adam"``, ``"lcgd"``) or
+    ``"v:L"`` (sub-model GD: SGD on layer L's W_V only) at ``lr`` and ``params``."""
+    from .errors import FineTuneError
+    from .gd import FineTuneConfig
+
+    if isinstance(m, FineTuneConfig):
+        return m
+    if isinstance(m, str):
+        if m.startswith("v:"):
+            return FineTuneConfig(method="dai", params=m, lr=lr)
+        return FineTuneConfig(method=m, params=params, lr=lr)
+    if isinstance(m, dict):
+        try:
+            return FineTuneConfig(**({"lr": lr, "params": params} | m))
+        except TypeError:
+            keys = [f.name for f in dataclasses.fields(FineTuneConfig)]
+            raise FineTuneError(f"order_sensitivity_table(methods=[{m}]): FineTuneConfig takes "
+                                f"{keys}") from None
+    raise FineTuneError(f"order_sensitivity_table(methods=[{m!r}]): expected a method name, "
+                        "'v:L', or a FineTuneConfig")
+
+
 def order_sensitivity_table(model: Any, pair: PromptPair, orderings: int = 10,
-                            methods: Sequence[dict] = (dict(method="dai"), dict(method="batch"),
-                                                       dict(method="adam")),
+                            methods: Sequence[Any] = ("dai", "batch", "adam"),
                             *, lr: float = 1e-3, params: str = "kv",
                             seed: int = 0) -> pd.DataFrame:
     """Shen et al.'s order sensitivity of ``pair``'s demonstrations: ``orderings`` random
     permutations (the prompt's own order first), the output distribution at p of ICL and of
     each GD variant (fine-tuned on that ordering, run on the ZS prompt), and
-    :func:`order_sensitivity` of each. Full-batch GD gives exactly 0 by construction."""
+    :func:`order_sensitivity` of each. Full-batch GD gives exactly 0 by construction.
+
+    ``methods``: :class:`~icl_probe.FineTuneConfig` s, or method names / ``"v:L"`` run at
+    ``lr`` and ``params`` (see :func:`_method_config`)."""
+    from .gd import finetune
+
+    configs = [_method_config(m, lr, params) for m in methods]
     gen = torch.Generator().manual_seed(seed)
     perms = [list(range(pair.k))] + [torch.randperm(pair.k, generator=gen).tolist()
                                      for _ in range(orderings - 1)]
     task = load_task(pair.task) if isinstance(pair.task, str) else pair.task
     variants = [build_prompt(model, task, pair.query, demos=[pair.demos[i] for i in p])
                 for p in perms]
-    from .gd import finetune
-
     icl = trace(model, variants, what=("pattern",), layers=[0])
     rows = [{"run": "icl", "orderings": orderings,
              "order_sensitivity": order_sensitivity(torch.softmax(icl.logits.double(), -1))}]
-    for m in methods:
-        m = {"lr": lr, "params": params} | dict(m)
+    for cfg in configs:
         probs = []
         for v in variants:
-            ft = finetune(model, v, record_queries=False, **m)
+            ft = finetune(model, v, cfg, record_queries=False)
             out = trace(ft.model, [v], kind="zs", what=("pattern",), layers=[0])
             probs.append(torch.softmax(out.logits[0].double(), -1))
-        name = m["method"] + ("" if m["params"] == params else f"[{m['params']}]")
-        rows.append({"run": name, "orderings": orderings,
+        rows.append({"run": cfg.name, "orderings": orderings,
                      "order_sensitivity": order_sensitivity(torch.stack(probs))})
     return pd.DataFrame(rows)

@@ -167,14 +167,12 @@ def _order_run(model: Any, u: dict, s: OrderSensitivitySection, ctx: dict
     from .comparison import order_sensitivity_table
     from .prompts import build_prompt
 
-    methods = [dict(method=m) if ":" not in m else dict(method="dai", params=m)
-               for m in s.methods]
     rows = []
     for q in range(s.queries):
         if u["n_demos"] < 2:
             break  # one demonstration has a single ordering
         pair = build_prompt(model, u["task"], q, u["n_demos"], seed=q)
-        t = order_sensitivity_table(model, pair, orderings=s.orderings, methods=methods,
+        t = order_sensitivity_table(model, pair, orderings=s.orderings, methods=s.methods,
                                     lr=u["lr"], seed=q)
         t.insert(0, "query", q)
         rows.append(t)
