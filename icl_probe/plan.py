@@ -402,21 +402,23 @@ def plan(config: Config, *, model_name: str | None = None, dtype: str | None = N
             ft = finetune_bytes(shape, trainable_count(shape, s.params), ft_tokens, b, opt)
             ft_note = (f"params {s.params!r}: {trainable_count(shape, s.params):,} trained, "
                        f"{'Adam' if opt else 'SGD'}, backward over {ft_tokens} tokens")
-            # per (task, seed, variant): the ICL and ZS records of test + dev queries and the
-            # demonstration prefix's k and v (docs/protocol.md, Cost); per unit, one more ZS
-            # record of the fine-tuned model, with its own stack of attention weights
+            # kept per (task, seed, variant): the ICL and ZS records of test + dev queries and
+            # ΔM_ICL, the demonstrations' Σ v ⊗ k per layer and kv head in float64
+            # (docs/protocol.md, Cost); per unit, transiently, the demonstration prefix's k and
+            # v (ΔM_ICL is summed from them) and a ZS record of the fine-tuned model
             refs = (record_bytes(shape, ICL_WHAT, n, icl, weights=False)
                     + record_bytes(shape, ZS_WHAT, n, zs, weights=False)
-                    + record_bytes(shape, ("k", "v"), 1, demos, logits=False, weights=False))
-            ft_rec = record_bytes(shape, ZS_WHAT, s.queries, zs, weights=False)
+                    + 8 * shape.n_layers * shape.n_kv_heads * shape.d_head ** 2)
+            transient = (record_bytes(shape, ("k", "v"), 1, demos, logits=False, weights=False)
+                         + record_bytes(shape, ZS_WHAT, s.queries, zs, weights=False))
             models = {"untrained", "embeddings_only"} & set(s.baselines)
             variants = 1 + len({"shuffled_labels"} & set(s.baselines)) + len(models)
             weights *= 1 + len(models)
             # one cached float32 stack per model: the model, each random-weight baseline model
             # and the fine-tuned model of the unit
             stacks = 1 + len(models) + 1
-            traces = refs + ft_rec + 2 * stack
-            held = len(s.tasks) * len(s.seeds) * variants * refs + ft_rec + stacks * stack
+            traces = refs + transient + 2 * stack
+            held = len(s.tasks) * len(s.seeds) * variants * refs + transient + stacks * stack
             tr_note = (f"{n} queries, ICL prompts up to {icl} tokens; a process holds "
                        f"{len(s.tasks)} tasks x {len(s.seeds)} seeds x {variants} variants "
                        "of reference records")
