@@ -174,7 +174,10 @@ def _run(args: argparse.Namespace) -> int:
                          else args.out)
         cluster = config.settings("cluster")
         launcher = args.launcher or cluster.launcher
-        jobs = args.jobs or cluster.jobs
+        jobs = args.jobs if args.jobs is not None else cluster.jobs
+        if args.jobs is not None and (launcher == "serial" or shard is not None):
+            raise ExperimentError(f"--jobs {args.jobs}: jobs are for --launcher local or slurm; "
+                                  "this run is serial in this process")
         kw = dict(model_name=args.model, device=args.device, dtype=args.dtype,
                   device_map=args.device_map, n_devices=args.n_devices)
         try:

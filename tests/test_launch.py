@@ -164,6 +164,11 @@ def test_shard_cli_errors(tmp_path, capsys):
         assert f"--shard {bad!r}: expected I/N" in capsys.readouterr().err
     assert main(["run", str(cfg), "--shard", "1/2", "--launcher", "local"]) == 2
     assert "a shard runs in this process" in capsys.readouterr().err
+    assert main(["run", str(cfg), "--jobs", "4", "--out", str(tmp_path / "o")]) == 2
+    assert "jobs are for --launcher local or slurm" in capsys.readouterr().err
+    assert main(["run", str(cfg), "--launcher", "local", "--jobs", "0",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--jobs 0: expected an integer >= 1" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ launchers
