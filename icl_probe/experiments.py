@@ -129,16 +129,16 @@ def _sweep_results(out: Path, u: dict, c: IclVsGdSection) -> dict[str, pd.DataFr
     need = {unit_id("icl_vs_gd", dict(stage="sweep", task=u["task"], seed=seed,
                                       method=u["method"], lr=lr, model=u["model"]))
             for lr in lr_grid(c.lrs, c.methods)[u["method"]] for seed in c.seeds}
-    have = {d.name for d in finished_units(out)}
+    have = {uid for uid in need if unit_finished(out / "units" / uid)}
     if need - have:
         raise ExperimentError(
             f"baseline unit {unit_id('icl_vs_gd', u)} needs the finished sweep units "
             f"{sorted(need - have)[:3]}{' ...' if len(need - have) > 3 else ''} to select its "
             "rate; run them first (they travel in the same shard unless units were picked "
             "by hand)")
-    done = read_results(out).get("icl_vs_gd", {})
-    return {k: v[(v.model == u["model"]) & (v.task == u["task"])] if "model" in v else v
-            for k, v in done.items()}
+    # only the sweep units this selection needs: reading every unit of the directory for each
+    # baseline unit grew with the square of the run
+    return read_results(out, need).get("icl_vs_gd", {})
 
 
 def _implied_units(s: ImpliedUpdatesSection) -> list[dict]:
@@ -481,13 +481,18 @@ def run_experiment(config: Config, *, model: Any = None, model_name: str | None 
                                       device_map=device_map or exp.device_map,
                                       n_devices=n_devices or exp.n_devices)
                 loaded[key] = spec
-                provs[key] = provenance(spec, config)
-                _check_provenance(out, key, provs[key])
+                if key not in provs:  # once per model and run (a digest of every weight)
+                    provs[key] = provenance(spec, config)
+                    _check_provenance(out, key, provs[key])
             return loaded[key]
 
         if model is not None:  # loaded models given: their provenance is checked up front
             for key in specs:
                 model_for(key)
+        # model by model (units without one first), each section's order kept within a model,
+        # so that each model loads once
+        rank = {k: i for i, k in enumerate(specs)}
+        todo.sort(key=lambda su: rank.get(su[1].get("model"), -1))
         bar = tqdm(todo, desc=config.name, unit="unit", disable=progress is False)
         for sec, u in bar:
             uid = unit_id(sec, u)

@@ -83,9 +83,8 @@ def slurm_executor(folder: Path, name: str, options: dict, n_tasks: int, paralle
     return ex
 
 
-def _shards_to_run(config: Config, out: Path, specs: dict, count: int) -> list[int]:
-    """The shards (1-based) holding at least one unfinished unit."""
-    units = experiment_units(config, specs)
+def _shards_to_run(units: list[tuple[str, dict]], out: Path, count: int) -> list[int]:
+    """The shards (1-based) of ``units`` holding at least one unfinished unit."""
     done = {d.name for d in finished_units(out)}
     return [i for i in range(1, count + 1)
             if any(unit_id(s, u) not in done for s, u in shard_units(units, i, count))]
@@ -139,12 +138,12 @@ def launch(config: Config, *, out: Path, launcher: str = "serial", jobs: int = 1
 
     import submitit
 
-    specs = model_specs(config, model_name)
-    units = [unit_id(s, u) for s, u in experiment_units(config, specs)]
+    all_units = experiment_units(config, model_specs(config, model_name))
+    units = [unit_id(s, u) for s, u in all_units]
     # the directory is stamped (and a different config refused) before anything is queued
     out.mkdir(parents=True, exist_ok=True)
     stamp_output(out, config)
-    shards = _shards_to_run(config, out, specs, jobs)
+    shards = _shards_to_run(all_units, out, jobs)
     if not shards:
         path = rebuild_report(out)
         print(f"experiment {config.name}: all {len(units)} units already done; report: {path}")

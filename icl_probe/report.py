@@ -104,22 +104,18 @@ SUMMARY_COLUMNS = ["task", "method", "lr", "selected", "run", "metric", "baselin
 
 def icl_vs_gd_summary(tabs: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     """The summary with intervals, the compact table and the sweep, from the units' tables;
-    with a ``model`` column (units of several models), each model is summarised on its own
-    (its own rate selection) and the tables carry the model as their first column."""
+    each model (the ``model`` column of its units) is summarised on its own, with its own rate
+    selection, and the tables carry the model as their first column."""
     pq = tabs["per_query"]
-    if "model" not in pq or pq.model.nunique() <= 1:
-        out = _summary_one(tabs)
-        if "model" in pq and len(pq):
-            out = {k: v.assign(model=pq.model.iloc[0]) for k, v in out.items()}
-        return {k: v[["model"] + [c for c in v.columns if c != "model"]] if "model" in v else v
-                for k, v in out.items()}
+    if "model" not in pq:  # units written before models were keyed
+        return _summary_one(tabs)
     parts: dict[str, list[pd.DataFrame]] = {}
     for m in _model_order(pq.model):
         one = {k: (v[v.model == m] if "model" in v else v) for k, v in tabs.items()}
         for k, v in _summary_one(one).items():
             parts.setdefault(k, []).append(v.assign(model=m))
-    return {k: (lambda d: d[["model"] + [c for c in d.columns if c != "model"]])(
-        pd.concat(v, ignore_index=True)) for k, v in parts.items()}
+    out = {k: pd.concat(v, ignore_index=True) for k, v in parts.items()}
+    return {k: v[["model"] + [c for c in v.columns if c != "model"]] for k, v in out.items()}
 
 
 def _model_order(models: pd.Series) -> list[str]:

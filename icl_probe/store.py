@@ -102,11 +102,16 @@ def clean_leftovers(out: Path, uids: Iterable[str]) -> int:
     return n
 
 
-def read_results(out: str | Path) -> dict[str, dict[str, pd.DataFrame]]:
-    """Every finished unit's tables, concatenated per section and table; each row carries its
-    unit's keys (``model``, ``task``, ...) as columns."""
+def read_results(out: str | Path, uids: Iterable[str] | None = None
+                 ) -> dict[str, dict[str, pd.DataFrame]]:
+    """Every finished unit's tables (only those of ``uids`` when given), concatenated per
+    section and table; each row carries its unit's keys (``model``, ``task``, ...) as
+    columns."""
     res: dict[str, dict[str, list[pd.DataFrame]]] = {}
-    for d in finished_units(out):
+    dirs = finished_units(out) if uids is None else [
+        d for d in (Path(out) / "units" / uid for uid in sorted(uids))
+        if d.is_dir() and unit_finished(d)]
+    for d in dirs:
         meta = json.loads((d / "unit.json").read_text())
         for f in sorted(d.glob("*.csv")):
             try:
