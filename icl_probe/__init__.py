@@ -46,8 +46,8 @@ Conventions follow TransformerLens: hook names ``blocks.{l}.attn.hook_pattern``,
 
 from .config import Config, load_config
 from .errors import (CacheError, CompareError, ConfigError, DualError, ExperimentError,
-                     FineTuneError, IclProbeError, ModelLoadError, PlotError, ProbeError,
-                     PromptError, TaskFileError, TraceError)
+                     FastPathError, FineTuneError, IclProbeError, ModelLoadError, PlotError,
+                     ProbeError, PromptError, TaskFileError, TraceError)
 from .experiments import run_experiment
 from .gd import FineTune, FineTuneConfig, FineTunedModel, finetune
 from .hooks import AttentionRecord, trace
@@ -71,6 +71,6 @@ __all__ = [
     "FineTuneConfig", "Tables", "Config",
     # errors
     "IclProbeError", "CacheError", "CompareError", "ConfigError", "DualError",
-    "ExperimentError", "FineTuneError", "ModelLoadError", "PlotError", "ProbeError",
+    "ExperimentError", "FastPathError", "FineTuneError", "ModelLoadError", "PlotError", "ProbeError",
     "PromptError", "TaskFileError", "TraceError",
 ]

@@ -49,6 +49,7 @@ from typing import Any
 import einops
 import torch
 
+from .compat import gptj_rotary_table
 from .errors import IclProbeError, ModelLoadError, TraceError
 
 # ------------------------------------------------------------------------------ boot
@@ -232,8 +233,7 @@ def attention_spec(model: Any) -> AttentionSpec:
         rotary_from = "hooks"
     elif "blocks.{l}.attn.hook_cos" in live and kind == "joint_rotary":
         rotary_from = "phases"
-    elif kind == "delegating" and isinstance(getattr(hf_attn0, "embed_positions", None),
-                                             torch.Tensor):
+    elif kind == "delegating" and gptj_rotary_table(model.original_model, hf_attn0) is not None:
         rotary_from = "buffer"
     else:
         rotary_from = "unknown"
@@ -338,7 +338,8 @@ def gptj_phases(model: Any, layer: int, positions: torch.Tensor, dtype: torch.dt
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPT-J's (cos, sin) at ``positions`` (any shape) from the layer's ``embed_positions``
     table, cast to ``dtype`` as GPT-J does: each (..., rotary_dim / 2)."""
-    table = _hf_attention(model, layer).embed_positions  # max_pos rotary_dim: [sin | cos]
+    # max_pos rotary_dim: [sin | cos]
+    table = gptj_rotary_table(model.original_model, _hf_attention(model, layer))
     sincos = table.to(positions.device)[positions].to(dtype)
     sin, cos = torch.split(sincos, sincos.shape[-1] // 2, dim=-1)
     return cos, sin

@@ -58,3 +58,9 @@ class DualError(IclProbeError):
 
 class PlotError(IclProbeError):
     """A plot was asked for a quantity or table it cannot draw."""
+
+
+class FastPathError(IclProbeError):
+    """A fast path (shared-prefix trace, answer scoring on a cache) disagrees with the slow
+    exact path on the same prompt: the installed stack broke an internal it relies on. The
+    message names the versions, the error, and ``fast=False`` / ``ICL_PROBE_FAST=0``."""

