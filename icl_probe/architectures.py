@@ -278,6 +278,15 @@ def attention_spec(model: Any) -> AttentionSpec:
     return spec
 
 
+def check_layer(model: Any) -> int:
+    """The layer whose scores the fast paths' self-checks compare over every key: the last
+    layer without a sliding window (a windowed layer's cache keeps only the window's keys, so
+    its key axis is not the prompt's); -1 when every layer has a window."""
+    window = attention_spec(model).window
+    full = [l for l, w in enumerate(window) if w is None]
+    return full[-1] if full else -1
+
+
 def require_rotary_support(model: Any, what: str) -> AttentionSpec:
     """The spec, or a :class:`TraceError` when q and k after rotary cannot be recovered."""
     spec = attention_spec(model)

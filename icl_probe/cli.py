@@ -1,4 +1,5 @@
-"""``icl-probe`` command line: ``models``, ``tasks``, ``inspect``, ``run``, ``report``, ``plan``.
+"""``icl-probe`` command line: ``models``, ``tasks``, ``inspect``, ``run``, ``report``, ``plan``,
+``doctor``.
 
 The CLI only parses arguments and prints; the work is done by library functions.
 """
@@ -10,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import doctor
 from .errors import ExperimentError, IclProbeError, PromptError
 
 
@@ -227,6 +229,18 @@ def _minutes(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    """Exit status 0 when every check passes, 1 on any mismatch."""
+    print("icl-probe doctor: checking this installation", file=sys.stderr)
+    report = doctor.run_doctor(embedded=not args.tiny_only,
+                               progress=lambda line: print(line, file=sys.stderr))
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, default=float))
+    else:
+        print(doctor.format_report(report))
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="icl-probe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -280,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
                                                  "config's)")
     p.add_argument("--dtype", default=None)
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("doctor", help="versions, model identities and fast-vs-slow checks: "
+                                      "does this installation compute the right numbers?")
+    p.add_argument("--tiny-only", action="store_true",
+                   help="skip the embedded model (tiny models built in memory only)")
+    p.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     try:
         if args.command == "models":
@@ -301,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args)
         elif args.command == "plan":
             return _plan(args)
+        elif args.command == "doctor":
+            return _doctor(args)
     except IclProbeError as e:
         print(f"icl-probe: error: {e}", file=sys.stderr)
         return 2

@@ -53,13 +53,17 @@ import torch
 import torch.nn.functional as F
 
 from .errors import FineTuneError
-from .hooks import query_capture_hooks
+from .hooks import logits_to_keep, query_capture_hooks
 from .prompts import PromptPair, Span
 
 METHODS = ("dai", "batch", "adam", "lcgd")
 # A run whose last loss exceeds this multiple of its first counts as diverged: at a sane rate
 # the per-demonstration losses stay level or fall; lr = 1e3 on the embedded model triples it.
 DIVERGENCE_FACTOR = 3.0
+# An output whose logits over the vocabulary vary less than this is collapsed (lr = 1e6 on the
+# embedded model drives the standard deviation to exactly 0); compare() applies the same rule
+# to every query's fine-tuned logits.
+COLLAPSE_STD = 1e-4
 PARAM_SETS = ("kv", "qkvo", "mlp", "all")
 
 
@@ -256,7 +260,9 @@ class FineTune:
     """Result of :func:`finetune`: real deltas ``θ_FT − θ_0`` per parameter, the loss of each
     step, whether the run diverged and why (``divergence``: a non-finite loss or parameter
     stops it, the deltas kept as they were; a final loss above ``DIVERGENCE_FACTOR`` times the
-    first also counts; :func:`icl_probe.compare` adds collapsed outputs), the per-step query
+    first, and a collapsed output on the pair's zero-shot prompt (logits whose std over the
+    vocabulary is below ``COLLAPSE_STD``), also count; :func:`icl_probe.compare` applies the
+    collapse rule to every query too), the per-step query
     vectors of the demonstration tokens (for Kendall),
     and ``model``: the fine-tuned view of the base model."""
 
@@ -542,17 +548,40 @@ def finetune(
             p.requires_grad_(f)
         model.eval()
     reason = None
+    view = FineTunedModel(model, deltas)
     if diverged:
         reason = "non-finite loss or parameter"
     elif len(losses) > 1 and losses[-1] > DIVERGENCE_FACTOR * losses[0]:
         diverged = True
         reason = (f"final loss {losses[-1]:.3g} > {DIVERGENCE_FACTOR:g} x the first "
                   f"({losses[0]:.3g})")
+    elif is_collapsed(_zero_shot_logits(view, pair)):
+        diverged = True
+        reason = (f"collapsed output: the fine-tuned logits at p on the zero-shot prompt vary "
+                  f"by less than {COLLAPSE_STD:g} (std over the vocabulary)")
     ft = FineTune(deltas=deltas, losses=losses, diverged=diverged, method=method, params=params,
                   lr=float(lr), step_queries=queries, step_demos=demo_of_step,
                   divergence=reason)
-    ft.model = FineTunedModel(model, deltas)
+    ft.model = view
     return ft
+
+
+def is_collapsed(logits: torch.Tensor) -> bool:
+    """Whether logits over the vocabulary (d_vocab) have collapsed to a constant: their
+    standard deviation is below :data:`COLLAPSE_STD` (non-finite logits count as collapsed)."""
+    std = float(logits.double().std())
+    return not std >= COLLAPSE_STD
+
+
+def _zero_shot_logits(view: FineTunedModel, pair: PromptPair) -> torch.Tensor:
+    """The fine-tuned view's logits at the prediction position of ``pair``'s zero-shot prompt
+    (one short forward)."""
+    ids = pair.zs_ids
+    device = next(view.parameters()).device
+    keep, kw = logits_to_keep(view, torch.tensor([len(ids) - 1]))
+    with torch.inference_mode():
+        logits = view(ids[None].to(device), **kw)
+    return logits[0, keep[0]]
 
 
 def finetune_sweep(model: Any, pair: PromptPair, lrs: Sequence[float], **kwargs: Any

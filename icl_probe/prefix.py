@@ -35,7 +35,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from . import selfcheck
-from .architectures import attention_spec, live_hooks
+from .architectures import attention_spec, check_layer, live_hooks
 from .compat import quiet_cache_rename
 from .errors import TraceError
 from .hooks import (HOOKS, QUANTITIES, AttentionRecord, attention_weights, check_batch_size,
@@ -98,8 +98,8 @@ def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
     # builds the prefix's cache, which is then cut back to the prefix; its fast-path result is
     # compared with the whole forward's logits at p and scores of the last layer over every key
     c, n_c = order[0], int(lengths[order[0]])
-    check_layer = cfg.n_layers - 1
-    score_hook = names["scores"].format(l=check_layer)
+    layer_c = check_layer(model)  # windowed models went through trace() above
+    score_hook = names["scores"].format(l=layer_c)
     check_scores = names["scores"] in live
     slow_scores: list[torch.Tensor] = []
     fast_scores: list[torch.Tensor] = []
@@ -114,11 +114,13 @@ def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
         keep1, kw1 = logits_to_keep(model, torch.tensor([n_c - 1]))  # logits: one position
         out = model(ids[c][None].to(device), return_type="logits_and_cache", **kw1)
     cache = out[1] if isinstance(out, tuple) else None
-    if cache is None or not hasattr(cache, "batch_repeat_interleave") \
-            or not hasattr(cache, "crop"):
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         return trace(model, pairs, kind="icl", what=what, layers=layers, batch_size=batch_size)
     slow_logits = out[0][0, keep1[0]]
-    cache.crop(P - n_c)  # a negative count removes tokens, on every release
+    try:
+        cache.crop(P - n_c)  # a negative count removes tokens, on every release
+    except (AttributeError, RuntimeError, ValueError, NotImplementedError):
+        return trace(model, pairs, kind="icl", what=what, layers=layers, batch_size=batch_size)
 
     # 2. the suffixes, batched on top of the repeated cache
     store: dict[str, list[list[torch.Tensor]]] = {q: [[] for _ in layer_list] for q in what}
@@ -170,7 +172,7 @@ def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
 
     checks = {"logits at p": (logits_parts[0][0], slow_logits)}
     if check_scores:
-        checks[f"scores of layer {check_layer}"] = (fast_scores[0], slow_scores[0])
+        checks[f"scores of layer {layer_c}"] = (fast_scores[0], slow_scores[0])
     selfcheck.check("trace_shared_prefix", checks, next(model.parameters()).dtype)
 
     # 3. reassemble in the caller's order (as trace() lays it out)

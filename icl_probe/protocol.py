@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from . import comparison as M
 from . import stats
 from .errors import CompareError
-from .gd import FineTuneConfig
+from .gd import FineTuneConfig, is_collapsed
 from .hooks import trace
 from .models import untrained_copy
 from .prefix import trace_shared_prefix
@@ -76,9 +76,6 @@ IN_RUN_BASELINES = {
     "Kendall_example": ("uniform_random",),
     "weight_cos": ("random_update",),
 }
-# An output whose logits over the vocabulary vary less than this is collapsed (lr = 1e6 on the
-# embedded model drives the standard deviation to exactly 0).
-COLLAPSE_STD = 1e-4
 # per-layer intervals (for the figures) of these metrics of the model's own run
 LAYER_CI_METRICS = ("SimAOU_norm", "SimAOU", "SimAM_delta", "Kendall", "weight_cos")
 ICL_WHAT = ("scores", "attn_out")
@@ -298,7 +295,7 @@ def _evaluate(model: Any, refs: _Refs, fts: list[Any], cfg: FineTuneConfig, *, g
             probs[name] = torch.softmax(logits, -1)
             correct[name] = int(pick) == pair.target
             correct[name + "_vocab"] = int(logits.argmax()) == pair.target_id
-        collapsed = float(ft_logits.double().std()) < COLLAPSE_STD
+        collapsed = is_collapsed(ft_logits)
         gold_lp = float(torch.log_softmax(ft_logits.double(), -1)[pair.target_id])
         rows_q.append({**keys, "query": pair.query,
                        "demos": " ".join(map(str, pair.demos)),  # item indices, prompt order
@@ -523,7 +520,7 @@ def _dev_rows(pairs: list[PromptPair], fts: list[Any], keys: dict) -> list[dict]
     rows = []
     for pair, (ft, lg), pick in zip(pairs, per, picks):
         lg = lg.double()
-        collapsed = float(lg.std()) < COLLAPSE_STD
+        collapsed = is_collapsed(lg)
         rows.append({**keys, "query": pair.query, "demos": " ".join(map(str, pair.demos)),
                      "scoring": pair.scoring, "ft_correct": int(pick) == pair.target,
                      "ft_gold_logprob": float(torch.log_softmax(lg, -1)[pair.target_id]),
@@ -745,7 +742,7 @@ def compact_table(summary: pd.DataFrame, anchors: pd.DataFrame | None = None) ->
                     if ("(LCGD)" in a.source) != method.startswith("lcgd"):
                         if "(GD)" in a.source or "(LCGD)" in a.source:
                             continue
-                    r[a.source] = f"{a.value:g}"
+                    r[anchor_column(a)] = f"{a.value:g}"
             rows.append(r)
     out = pd.DataFrame(rows).fillna("")
     front = ["task", "method", "lr", "metric", "ours"]
@@ -760,8 +757,14 @@ def compact_table(summary: pd.DataFrame, anchors: pd.DataFrame | None = None) ->
 _IN_RUN_NAMES = ("random_update", "uniform_random", "SimAM_before")
 
 
+def anchor_column(anchor: Any) -> str:
+    """The compact table's column for one row of ``anchors.csv``: its source, and the
+    baseline it reports where it is a baseline's value (``Dai et al. GPT 1.3B, uniform_random``)."""
+    return anchor.source + (f", {anchor.baseline}" if anchor.baseline else "")
+
+
 def _is_anchor(col: str, anchors: pd.DataFrame | None) -> bool:
-    return anchors is not None and col in set(anchors.source)
+    return anchors is not None and col in {anchor_column(a) for a in anchors.itertuples()}
 
 
 def _fmt(row: Any) -> str:

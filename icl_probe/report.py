@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from .config import Config, settings
+from .protocol import anchor_column, compact_table, summarise, sweep_rows
 from .store import read_results, write_csv, write_text
 
 __all__ = ["ANCHORS", "icl_vs_gd_summary", "write_report"]
@@ -124,7 +125,6 @@ def _model_order(models: pd.Series) -> list[str]:
 
 
 def _summary_one(tabs: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
-    from .protocol import compact_table, summarise, sweep_rows
 
     pq, ft = tabs["per_query"], tabs.get("finetune", pd.DataFrame())
     if "lr" in ft:
@@ -178,7 +178,7 @@ def _verdict_html(cell: str) -> str:
 def _icl_vs_gd_tables(tabs: dict[str, pd.DataFrame]) -> list[tuple[str, Any]]:
     out = []
     table = tabs["table"]
-    anchors = set(ANCHORS.source)
+    anchors = {anchor_column(a) for a in ANCHORS.itertuples()}
     for (task, method), d in table.groupby(["task", "method"], sort=False):
         groups, anchor_part = [], None
         models = _model_order(d.model) if "model" in d else [None]

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from . import selfcheck
-from .architectures import live_hooks
+from .architectures import check_layer, live_hooks
 from .compat import quiet_cache_rename
 from .hooks import hook_names, logits_to_keep
 from .prompts import PromptPair
@@ -86,10 +86,10 @@ class _Probe:
 
     def __init__(self, model: Any):
         self.model = model
-        self.layer = model.cfg.n_layers - 1
+        self.layer = check_layer(model)
         names, _ = hook_names(model)
         self.hook = names["scores"].format(l=self.layer) \
-            if names["scores"] in live_hooks(model) else None
+            if names["scores"] in live_hooks(model) and self.layer >= 0 else None
         self.row = -1
         self.done = False
         self.slow: dict[str, torch.Tensor] = {}
@@ -111,10 +111,12 @@ class _Probe:
             logits, cache = model(whole[None], return_type="logits_and_cache", **kw)
         logits = logits[0, keep.to(logits.device)]  # prompt end, then each answer token
         self.slow["logits"] = logits[1:]
-        if cache is not None and hasattr(cache, "crop"):
+        try:  # cut the cache back to the prompt (a negative count removes tokens)
             cache.crop(-(len(cand) - 1))
-        else:
-            cache = None
+        except (AttributeError, RuntimeError, ValueError, NotImplementedError):
+            # a sliding-window cache cannot roll back: the prompt alone builds its cache
+            _, keep1 = logits_to_keep(model, torch.tensor([len(ids) - 1]))
+            _, cache = model(ids[None], return_type="logits_and_cache", **keep1)
         return logits[0], cache
 
     def compare(self, logits: torch.Tensor, scores: torch.Tensor | None) -> None:
