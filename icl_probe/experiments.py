@@ -49,8 +49,10 @@ from tqdm.auto import tqdm
 from .config import (EXPERIMENTS_DIR, Config, IclVsGdSection, ImpliedUpdatesSection,
                      LinearAttentionSection, OrderSensitivitySection, RealHeadsSection,
                      load_config)
+from .doctor import last_verdict
 from .errors import ConfigError, ExperimentError
 from .report import ANCHORS, icl_vs_gd_summary, write_report
+from .selfcheck import FAST_ENV, fast_enabled, stack_versions
 from .store import (Lock, clean_leftovers, finished_units, read_results, unit_finished, unit_id,
                     write_text, write_unit)
 
@@ -248,13 +250,19 @@ def provenance(model: Any, config: Config) -> dict:
 
     p = next(model.parameters())
     return {"model": model_identity(model), "dtype": str(p.dtype).replace("torch.", ""),
-            "device": p.device.type, "icl_probe": __version__, "config": config.digest}
+            "device": p.device.type, "icl_probe": __version__, "config": config.digest,
+            # the versions numbers depend on (refused on a change, as the weights are), the
+            # verdict of `icl-probe doctor` on this stack, and whether the fast paths ran
+            "stack": stack_versions(), "doctor": last_verdict(),
+            "fast_paths": "on (self-checked)" if fast_enabled() else f"off ({FAST_ENV}=0)"}
 
 
 def _provenance_mismatch(old: dict, new: dict) -> list[str]:
     diffs = []
-    for key in ("model", "dtype", "device", "icl_probe", "config"):
+    for key in ("model", "dtype", "device", "icl_probe", "config", "stack"):
         a, b = old.get(key), new.get(key)
+        if key == "stack" and a is None:  # recorded before versions were: not comparable
+            continue
         if key == "model" and isinstance(a, dict) and isinstance(b, dict):
             if a.get("digest") != b.get("digest"):
                 diffs.append(f"model: {a.get('label')} ({a.get('digest')}) before, "

@@ -341,6 +341,24 @@ def _by_model(tabs: dict[str, pd.DataFrame]) -> list[tuple[str | None, dict[str,
             for m in models]
 
 
+def _stack_html(key: str, prov: dict) -> str:
+    """One line per model: the versions its results were computed with, the doctor's verdict
+    on that stack, and whether the fast paths ran (results recorded before versions were say
+    so)."""
+    stack, doctor = prov.get("stack"), prov.get("doctor") or {}
+    if not stack:
+        return (f"<p class=stack><b>{html.escape(key)}</b>: versions not recorded (results "
+                "from before icl-probe recorded them)</p>")
+    verdict = str(doctor.get("verdict", "not recorded"))
+    cls = "beats" if verdict == "passed" else "below"
+    when = f" on {doctor['date']}" if doctor.get("date") else ""
+    versions = ", ".join(f"{k} {v}" for k, v in stack.items())
+    return (f"<p class=stack><b>{html.escape(key)}</b> computed with {html.escape(versions)}; "
+            f"<code>icl-probe doctor</code> on this stack: <span class={cls}>"
+            f"{html.escape(verdict)}</span>{html.escape(when)}; fast paths "
+            f"{html.escape(str(prov.get('fast_paths', 'not recorded')))}</p>")
+
+
 def write_report(config: Config, out: Path, *, missing: int = 0) -> Path:
     """One self-contained HTML report from every finished unit under ``out`` (and, with an
     ``icl_vs_gd`` section, ``OUT/summary.csv``). ``missing``: units not finished yet, said at
@@ -355,6 +373,7 @@ def write_report(config: Config, out: Path, *, missing: int = 0) -> Path:
         for k, p in models.items()) or "none recorded"
     parts = [f"<h1>icl-probe: {html.escape(config.name)}</h1>",
              f"<p>models: {listing}; written {time.strftime('%Y-%m-%d %H:%M:%S')}</p>"]
+    parts += [_stack_html(k, p) for k, p in models.items()]
     if missing:
         parts.append(f"<p class=partial>partial report: {missing} unit(s) of this config are "
                      "not finished yet; run the experiment again (or wait for its jobs) and "
