@@ -52,7 +52,8 @@ def timed_checks() -> list[float]:
 
 def forward(model, ids, hook=None):
     keep, kw = logits_to_keep(model, torch.tensor([len(ids) - 1]))
-    hooks = [(hook, lambda x, hook=None: x[0, :, -1].clone())] if hook else []
+    kept = []
+    hooks = [(hook, lambda x, hook=None: kept.append(x[0, :, -1]))] if hook else []
     with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
         return model(ids[None], return_type="logits_and_cache", **kw)
 

@@ -67,6 +67,7 @@ class DoctorReport:
     checks: pd.DataFrame
     seconds: float
     failures: list[str] = field(default_factory=list)
+    embedded: bool = True  # False: tiny models only (--tiny-only)
 
     @property
     def ok(self) -> bool:
@@ -74,7 +75,8 @@ class DoctorReport:
 
     @property
     def verdict(self) -> str:
-        return "passed" if self.ok else "FAILED"
+        return ("passed" if self.ok else "FAILED") + \
+            ("" if self.embedded else " (tiny models only)")
 
     def to_json(self) -> dict:
         return {"versions": self.versions, "verdict": self.verdict,
@@ -143,7 +145,8 @@ def run_doctor(*, embedded: bool = True, progress: Callable[[str], None] = print
         except IclProbeError as e:  # a fast path's own self-check, or a refused identity
             failures.append(f"{label}: {type(e).__name__}: {e}")
     checks = pd.DataFrame(rows, columns=["model", "check", "error", "tolerance", "ok"])
-    report = DoctorReport(stack_versions(), checks, time.perf_counter() - t0, failures)
+    report = DoctorReport(stack_versions(), checks, time.perf_counter() - t0, failures,
+                          embedded)
     save_verdict(report)
     return report
 

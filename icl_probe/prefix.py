@@ -10,7 +10,12 @@ batch). An ICL query then costs about what a zero-shot query costs.
 The record it returns is the one :func:`icl_probe.trace` returns for the same prompts at the
 prediction position (``positions="pred"``): the logits, q, scores, pattern, z, attn_out ... at
 ``p`` and, where asked for, ``k``/``v`` over every key position (the prefix's shared part
-repeated per prompt). ``tests/test_prefix.py`` checks it against full-prompt forwards.
+repeated per prompt). ``tests/test_protocol.py`` checks it against full-prompt forwards, and
+every call checks itself: the shortest prompt runs whole in the forward that builds the
+prefix's cache (cut back to the prefix afterwards), and its logits at ``p`` and last-layer
+scores over every key must match the shortcut's (:mod:`icl_probe.selfcheck`; a mismatch
+raises :class:`~icl_probe.errors.FastPathError`; ``fast=False`` or ``ICL_PROBE_FAST=0`` takes
+the full prompts instead).
 
 Where the shortcut does not apply (fewer than two prompts, no shared prefix, a model whose
 rotary q/k are reconstructed after the forward rather than hooked, a cache the model does not

@@ -350,7 +350,7 @@ def _stack_html(key: str, prov: dict) -> str:
         return (f"<p class=stack><b>{html.escape(key)}</b>: versions not recorded (results "
                 "from before icl-probe recorded them)</p>")
     verdict = str(doctor.get("verdict", "not recorded"))
-    cls = "beats" if verdict == "passed" else "below"
+    cls = "beats" if verdict.startswith("passed") else "below"
     when = f" on {doctor['date']}" if doctor.get("date") else ""
     versions = ", ".join(f"{k} {v}" for k, v in stack.items())
     return (f"<p class=stack><b>{html.escape(key)}</b> computed with {html.escape(versions)}; "

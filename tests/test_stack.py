@@ -134,8 +134,9 @@ def test_doctor_passes_on_this_stack_and_records_its_verdict(tmp_path, monkeypat
     assert last_verdict()["verdict"] == "not run on this stack"
     assert cli.main(["doctor", "--tiny-only"]) == 0
     out = capsys.readouterr().out
-    assert "doctor: passed" in out and "transformers " in out and "identity: mlp_rank1" in out
-    assert last_verdict()["verdict"] == "passed"
+    assert "doctor: passed (tiny models only)" in out and "transformers " in out
+    assert "identity: mlp_rank1" in out
+    assert last_verdict()["verdict"] == "passed (tiny models only)"
     saved = json.loads((tmp_path / "doctor.json").read_text())
     assert saved["versions"] == selfcheck.stack_versions()
 
@@ -146,7 +147,7 @@ def test_doctor_exits_non_zero_when_a_fast_path_is_broken(tmp_path, monkeypatch,
     assert cli.main(["doctor", "--tiny-only"]) == 1
     out = capsys.readouterr().out
     assert "doctor: FAILED" in out and "FastPathError" in out
-    assert last_verdict()["verdict"] == "FAILED"
+    assert last_verdict()["verdict"] == "FAILED (tiny models only)"
 
 
 def test_doctor_reports_a_broken_identity(monkeypatch, tmp_path):
