@@ -213,9 +213,10 @@ def _write_cache(gguf: Path, target: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                              trust_remote_code=False)
     hf_model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
@@ -302,6 +303,66 @@ def _bridge(hf_model: Any, tokenizer: Any, *, info: ModelInfo, device: torch.dev
     return bridge
 
 
+def remote_code(directory: Path) -> str | None:
+    """Why loading ``directory`` would run Python code that ships with it, or None.
+
+    A ``config.json`` (or ``tokenizer_config.json``) with an ``auto_map`` whose model type (or
+    tokenizer class) transformers does not know can only be loaded by importing the
+    directory's own ``.py`` files. icl-probe never does (``trust_remote_code`` is False on
+    every call, and such a directory is refused before transformers is asked, so nothing ever
+    prompts either)."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    for name in ("config.json", "tokenizer_config.json"):
+        f = Path(directory) / name
+        if not f.is_file():
+            continue
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{f} is not a readable JSON file ({e}); a model directory "
+                                 "written by save_pretrained has a valid one") from e
+        auto_map = data.get("auto_map") if isinstance(data, dict) else None
+        if not auto_map:
+            continue
+        if name == "config.json" and data.get("model_type") in CONFIG_MAPPING:
+            continue  # a known architecture: transformers' own class is used, no code runs
+        if name == "tokenizer_config.json" and hasattr(transformers,
+                                                       str(data.get("tokenizer_class"))):
+            continue
+        files = sorted({str(v).split(".")[0] + ".py" for v in (
+            auto_map.values() if isinstance(auto_map, dict) else [])
+            if isinstance(v, str)})
+        kind = (f"model_type {data.get('model_type')!r}" if name == "config.json"
+                else f"tokenizer_class {data.get('tokenizer_class')!r}")
+        return (f"{f} has an auto_map ({', '.join(files) or 'custom classes'}) and a {kind} "
+                "that transformers does not know: loading it would import and run the "
+                "directory's own Python code")
+    return None
+
+
+def refuse_remote_code(directory: Path, what: str) -> None:
+    """Raise :class:`ModelLoadError` when loading ``directory`` would run its own code."""
+    why = remote_code(directory)
+    if why:
+        raise ModelLoadError(
+            f"{what}: {why}, which icl-probe never does (trust_remote_code stays False). Use a "
+            "model whose architecture transformers implements, or convert the checkpoint to "
+            "one (config.json with a standard model_type, weights as safetensors)")
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
+    """The local Hugging Face cache's snapshot directory of ``repo_id`` (None if not cached)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        hit = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:  # an id huggingface_hub refuses is not in the cache either
+        return None
+    return Path(hit).parent if isinstance(hit, str) else None
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
 
@@ -311,7 +372,14 @@ def _from_hf_directory(path_or_id: str, *, dtype: torch.dtype, device_map: Any,
                        max_memory: Any = None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if trust_remote_code:
+        raise ModelLoadError("trust_remote_code=True: icl-probe never runs code that ships with "
+                             "a model; use an architecture transformers implements")
+    local = Path(path_or_id).expanduser()
+    where = local if local.is_dir() else hub_snapshot(path_or_id, revision)
+    if where is not None:
+        refuse_remote_code(where, f"load_model({path_or_id!r})")
+    kwargs: dict[str, Any] = {"trust_remote_code": False}
     if _offline():  # read now: huggingface_hub reads HF_HUB_OFFLINE only once, at import
         kwargs["local_files_only"] = True
     if revision is not None:
@@ -394,6 +462,16 @@ def load_model(
         label = getattr(name.config, "_name_or_path", None) or type(name).__name__
         info = ModelInfo("memory", str(label), None, _uses_bos(tokenizer))
         return _bridge(name, tokenizer, info=info, **common)
+
+    if trust_remote_code:
+        raise ModelLoadError("load_model(trust_remote_code=True): icl-probe never runs code that "
+                             "ships with a model; use an architecture transformers implements")
+    if name is not None and not str(name).endswith(".gguf"):
+        # before anything reads the config (the memory check does): never a prompt, never code
+        local = Path(str(name)).expanduser()
+        where = local if local.is_dir() else hub_snapshot(str(name), revision)
+        if where is not None:
+            refuse_remote_code(where, f"load_model({str(name)!r})")
 
     if dev.type != "meta":
         from .plan import check_memory

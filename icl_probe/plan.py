@@ -62,7 +62,7 @@ def _hf_config(spec: str | None) -> tuple[Any, str, str | None]:
     """(transformers config, where it was read, a directory or GGUF with a tokenizer)."""
     from transformers import AutoConfig
 
-    from .models import gguf_cache_path, embedded_gguf_path
+    from .models import embedded_gguf_path, gguf_cache_path, hub_snapshot, refuse_remote_code
 
     if spec is None or str(spec).endswith(".gguf"):
         gguf = embedded_gguf_path() if spec is None else Path(spec).expanduser()
@@ -70,7 +70,8 @@ def _hf_config(spec: str | None) -> tuple[Any, str, str | None]:
             raise ModelLoadError(f"{gguf}: no such GGUF file")
         cached = gguf_cache_path(gguf)
         if (cached / "config.json").is_file():
-            return AutoConfig.from_pretrained(str(cached)), f"{cached}/config.json", str(cached)
+            return (AutoConfig.from_pretrained(str(cached), trust_remote_code=False),
+                    f"{cached}/config.json", str(cached))
         from transformers import CONFIG_MAPPING
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
@@ -82,9 +83,15 @@ def _hf_config(spec: str | None) -> tuple[Any, str, str | None]:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is not a Hugging Face model directory (no config.json)")
-        return AutoConfig.from_pretrained(str(path)), f"{path}/config.json", str(path)
+        refuse_remote_code(path, f"plan({str(spec)!r})")
+        return (AutoConfig.from_pretrained(str(path), trust_remote_code=False),
+                f"{path}/config.json", str(path))
+    snapshot = hub_snapshot(str(spec))
+    if snapshot is not None:
+        refuse_remote_code(snapshot, f"plan({str(spec)!r})")
     try:
-        cfg = AutoConfig.from_pretrained(str(spec), local_files_only=True)
+        cfg = AutoConfig.from_pretrained(str(spec), local_files_only=True,
+                                         trust_remote_code=False)
     except OSError as e:
         raise ModelLoadError(f"{spec!r}: its config is not in the local Hugging Face cache; "
                              f"download it first (huggingface-cli download {spec})") from e
@@ -112,8 +119,10 @@ def _tokenizer(where: str | None) -> Any:
     try:
         if where.endswith(".gguf"):
             p = Path(where)
-            return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-        return AutoTokenizer.from_pretrained(where, local_files_only=True)
+            return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name,
+                                                 trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(where, local_files_only=True,
+                                             trust_remote_code=False)
     except Exception:  # no tokenizer files: lengths are estimated from characters
         return None
 

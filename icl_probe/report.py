@@ -32,6 +32,13 @@ ANCHORS_FILE = Path(__file__).resolve().parent / "data" / "anchors.csv"
 ANCHORS = pd.read_csv(ANCHORS_FILE, keep_default_na=False)
 
 
+def esc(text: Any) -> str:
+    """The one escaping helper for every piece of text that reaches the report's HTML (task
+    names, labels, items, model keys, paths, config values): ``str(text)`` with ``& < > " '``
+    escaped. Tables go through it cell by cell; plotly escapes its own JSON."""
+    return html.escape(str(text), quote=True)
+
+
 def _versions() -> dict:
     import transformer_lens
     import transformers
@@ -144,11 +151,13 @@ def _icl_vs_gd_intro(s: dict, tabs: dict[str, pd.DataFrame]) -> str:
     c = settings("icl_vs_gd", s)
     sw = tabs["sweep"]
     flagged = sw[sw.flag != ""]
-    items = [f"protocol <b>{c.protocol}</b>: one demonstration set of k = {c.k} per seed "
-             f"(train split), one fine-tune per (seed, method, rate), {c.queries} test "
-             f"queries per seed, seeds {c.seeds}, read at the <b>{c.position}</b> position",
-             f"learning rates {c.lrs}: the rate with the best FT accuracy on {c.dev_queries} "
-             "dev queries is selected (ties: gold log-probability); baselines run at it",
+    items = [f"protocol <b>{esc(c.protocol)}</b>: one demonstration set of k = {esc(c.k)} per "
+             f"seed (train split), one fine-tune per (seed, method, rate), {esc(c.queries)} "
+             f"test queries per seed, seeds {esc(c.seeds)}, read at the <b>{esc(c.position)}</b> "
+             "position",
+             f"learning rates {esc(c.lrs)}: the rate with the best FT accuracy on "
+             f"{esc(c.dev_queries)} dev queries is selected (ties: gold log-probability); "
+             "baselines run at it",
              "every value: mean over queries (pooled over seeds) with a 95 % bootstrap interval; "
              "a baseline cell shows the baseline's value and the verdict on ours − baseline "
              "(paired by query): <span class=beats>beats baseline</span> only when that "
@@ -157,9 +166,9 @@ def _icl_vs_gd_intro(s: dict, tabs: dict[str, pd.DataFrame]) -> str:
              "zero-shot error: Rec2FTP undefined); diverged fine-tunes are excluded from every "
              "metric",
              "predictions scored by " + "; ".join(
-                 f"{task}: {', '.join(sorted(set(d['scoring'].dropna())))}"
+                 f"{esc(task)}: {esc(', '.join(sorted(set(d['scoring'].dropna()))))}"
                  if "scoring" in d
-                 else f"{task}: not recorded by these units (older than the scoring column)"
+                 else f"{esc(task)}: not recorded by these units (older than the scoring column)"
                  for task, d in
                  tabs["per_query"].groupby("task")) + " (first_token: argmax over the "
              "candidates' first tokens, the anchors' label accuracy; full_answer: each "
@@ -168,10 +177,10 @@ def _icl_vs_gd_intro(s: dict, tabs: dict[str, pd.DataFrame]) -> str:
 
 
 def _verdict_html(cell: str) -> str:
-    cell = html.escape(str(cell))
+    cell = esc(str(cell))
     for word, cls in (("(beats baseline)", "beats"), ("(below baseline)", "below"),
                       ("(not distinguishable)", "nd")):
-        cell = cell.replace(html.escape(word), f"<span class={cls}>{html.escape(word)}</span>")
+        cell = cell.replace(esc(word), f"<span class={cls}>{esc(word)}</span>")
     return cell
 
 
@@ -218,16 +227,16 @@ class _HtmlTable:
         top, starts = "", set()
         if self.groups:
             top = "<tr><th></th>" + "".join(
-                f"<th colspan={n} class='group gstart'>{html.escape(name)}</th>"
+                f"<th colspan={n} class='group gstart'>{esc(name)}</th>"
                 for name, n in self.groups) + "</tr>"
             starts = set(np.cumsum([0] + [n for _, n in self.groups])[:-1].tolist())
 
         def cls(j: int) -> str:
             return " class=gstart" if j in starts else ""
 
-        head = "<tr><th></th>" + "".join(f"<th{cls(j)}>{html.escape(str(c))}</th>"
+        head = "<tr><th></th>" + "".join(f"<th{cls(j)}>{esc(str(c))}</th>"
                                          for j, c in enumerate(self.df.columns)) + "</tr>"
-        body = "".join("<tr><td class=metric>" + html.escape(str(i)) + "</td>" +
+        body = "".join("<tr><td class=metric>" + esc(str(i)) + "</td>" +
                        "".join(f"<td{cls(j)}>{_verdict_html('' if pd.isna(v) else v)}</td>"
                                for j, v in enumerate(row)) + "</tr>"
                        for i, row in zip(self.df.index, self.df.itertuples(index=False)))
@@ -341,22 +350,32 @@ def _by_model(tabs: dict[str, pd.DataFrame]) -> list[tuple[str | None, dict[str,
             for m in models]
 
 
+def _escape_figure(fig: Any) -> Any:
+    """Plotly renders a subset of HTML in titles, annotations (facet and subplot titles) and
+    legend entries, which carry task names and model keys: each goes through :func:`esc`."""
+    if fig.layout.title.text:
+        fig.layout.title.text = esc(fig.layout.title.text)
+    fig.for_each_annotation(lambda a: a.update(text=esc(a.text)) if a.text else None)
+    fig.for_each_trace(lambda t: t.update(name=esc(t.name)) if t.name else None)
+    return fig
+
+
 def _stack_html(key: str, prov: dict) -> str:
     """One line per model: the versions its results were computed with, the doctor's verdict
     on that stack, and whether the fast paths ran (results recorded before versions were say
     so)."""
     stack, doctor = prov.get("stack"), prov.get("doctor") or {}
     if not stack:
-        return (f"<p class=stack><b>{html.escape(key)}</b>: versions not recorded (results "
+        return (f"<p class=stack><b>{esc(key)}</b>: versions not recorded (results "
                 "from before icl-probe recorded them)</p>")
     verdict = str(doctor.get("verdict", "not recorded"))
     cls = "beats" if verdict.startswith("passed") else "below"
     when = f" on {doctor['date']}" if doctor.get("date") else ""
     versions = ", ".join(f"{k} {v}" for k, v in stack.items())
-    return (f"<p class=stack><b>{html.escape(key)}</b> computed with {html.escape(versions)}; "
+    return (f"<p class=stack><b>{esc(key)}</b> computed with {esc(versions)}; "
             f"<code>icl-probe doctor</code> on this stack: <span class={cls}>"
-            f"{html.escape(verdict)}</span>{html.escape(when)}; fast paths "
-            f"{html.escape(str(prov.get('fast_paths', 'not recorded')))}</p>")
+            f"{esc(verdict)}</span>{esc(when)}; fast paths "
+            f"{esc(str(prov.get('fast_paths', 'not recorded')))}</p>")
 
 
 def write_report(config: Config, out: Path, *, missing: int = 0) -> Path:
@@ -367,20 +386,20 @@ def write_report(config: Config, out: Path, *, missing: int = 0) -> Path:
     results = read_results(out)
     models = _provenances(out)
     listing = "; ".join(
-        f"<b>{html.escape(k)}</b> = {html.escape(str(p['model'].get('label')))} "
-        f"({html.escape(str(p['model'].get('source')))}, {html.escape(str(p.get('dtype')))} on "
-        f"{html.escape(str(p.get('device')))}, weights digest {p['model'].get('digest')})"
+        f"<b>{esc(k)}</b> = {esc(str(p['model'].get('label')))} "
+        f"({esc(str(p['model'].get('source')))}, {esc(str(p.get('dtype')))} on "
+        f"{esc(str(p.get('device')))}, weights digest {esc(p['model'].get('digest'))})"
         for k, p in models.items()) or "none recorded"
-    parts = [f"<h1>icl-probe: {html.escape(config.name)}</h1>",
+    parts = [f"<h1>icl-probe: {esc(config.name)}</h1>",
              f"<p>models: {listing}; written {time.strftime('%Y-%m-%d %H:%M:%S')}</p>"]
     parts += [_stack_html(k, p) for k, p in models.items()]
     if missing:
         parts.append(f"<p class=partial>partial report: {missing} unit(s) of this config are "
                      "not finished yet; run the experiment again (or wait for its jobs) and "
-                     f"rebuild with <code>icl-probe report {html.escape(str(out))}</code></p>")
+                     f"rebuild with <code>icl-probe report {esc(str(out))}</code></p>")
     first = True
     for section in config.sections:
-        parts.append(f"<h2>{html.escape(section)}</h2>")
+        parts.append(f"<h2>{esc(section)}</h2>")
         tabs = results.get(section)
         if not tabs:
             parts.append("<p>no finished unit yet</p>")
@@ -394,17 +413,18 @@ def write_report(config: Config, out: Path, *, missing: int = 0) -> Path:
             blocks = _by_model(tabs)
         for model, block in blocks:
             if model is not None:
-                parts.append(f"<h3 class=model>model {html.escape(model)}</h3>")
+                parts.append(f"<h3 class=model>model {esc(model)}</h3>")
             for title, df in _tables(section, block):
-                parts.append(f"<h3>{html.escape(title)}</h3>" + df.to_html(border=0, na_rep=""))
+                parts.append(f"<h3>{esc(title)}</h3>" + df.to_html(border=0, na_rep=""))
             for fig in _figures(section, block):
                 if model is not None:
                     fig.update_layout(title=f"{model}: {fig.layout.title.text or ''}")
-                parts.append(fig.to_html(full_html=False, include_plotlyjs=first))
+                parts.append(_escape_figure(fig).to_html(full_html=False,
+                                                         include_plotlyjs=first))
                 first = False
-    parts.append("<h2>config</h2><pre>" + html.escape(json.dumps(config.body, indent=2)) +
+    parts.append("<h2>config</h2><pre>" + esc(json.dumps(config.body, indent=2)) +
                  "</pre>")
-    parts.append("<h2>versions</h2><pre>" + html.escape(json.dumps(_versions(), indent=2)) +
+    parts.append("<h2>versions</h2><pre>" + esc(json.dumps(_versions(), indent=2)) +
                  "</pre>")
     style = ("<style>body{font-family:sans-serif;margin:2em;max-width:1400px}"
              "table{border-collapse:collapse;font-size:13px}td,th{padding:2px 8px;"
