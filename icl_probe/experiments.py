@@ -34,6 +34,7 @@ what one process, job-array task or ``--shard I/N`` runs (:mod:`icl_probe.launch
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import json
@@ -55,6 +56,7 @@ from .report import ANCHORS, icl_vs_gd_summary, write_report
 from .selfcheck import FAST_ENV, fast_enabled, stack_versions
 from .store import (Lock, clean_leftovers, finished_units, read_results, unit_finished, unit_id,
                     write_text, write_unit)
+from .tasks import Task, load_task
 
 __all__ = ["ANCHORS", "EXPERIMENTS_DIR", "SECTIONS", "Config", "ConfigError", "ExperimentError",
            "experiment_units", "finished_units", "icl_vs_gd_summary", "load_config",
@@ -83,6 +85,37 @@ def _icl_vs_gd_units(c: IclVsGdSection) -> list[dict]:
     return sweep + base
 
 
+def task_labels(tasks: Iterable[str]) -> dict[str, str]:
+    """The name each of a section's tasks carries in tables and the report: its header name,
+    or, where two sources share a header name, ``name (source)``. A task's identity is its
+    source (the shipped name or the file's path, as the config gives it), never its header,
+    so two files that both call themselves ``sentiment`` are never pooled."""
+    names = {t: load_task(t).name for t in tasks}
+    count: dict[str, int] = {}
+    for n in names.values():
+        count[n] = count.get(n, 0) + 1
+    return {t: n if count[n] == 1 else f"{n} ({t})" for t, n in names.items()}
+
+
+def labeled_task(spec: str, tasks: Iterable[str]) -> Task:
+    """The task of ``spec``, named by :func:`task_labels` among ``tasks``."""
+    return dataclasses.replace(load_task(spec), name=task_labels(tasks)[spec])
+
+
+def task_file(spec: str) -> Path:
+    """The file a task spec reads (a shipped task's own file, or the path given)."""
+    task = load_task(spec)
+    return Path(task.path) if task.path else Path(spec)
+
+
+def input_digests(config: Config) -> dict[str, str]:
+    """``{task spec: sha256 of its file}`` for every task the config reads: the results of a
+    task depend on its contents, not just its path."""
+    specs = sorted({t for sec in config.sections
+                    for t in getattr(config.settings(sec), "tasks", []) or []})
+    return {t: hashlib.sha256(task_file(t).read_bytes()).hexdigest()[:16] for t in specs}
+
+
 def _comparison(model: Any, c: IclVsGdSection, task: str, ctx: dict) -> Any:
     """One Comparison per task and process, so that ZS/ICL runs are shared across units."""
     from .protocol import Comparison
@@ -90,7 +123,7 @@ def _comparison(model: Any, c: IclVsGdSection, task: str, ctx: dict) -> Any:
     cache = ctx.setdefault("comparisons", {})
     if task not in cache:
         # the random-weight baseline models are built once and shared by every task
-        cache[task] = Comparison(model, task, k=c.k, queries=c.queries,
+        cache[task] = Comparison(model, labeled_task(task, c.tasks), k=c.k, queries=c.queries,
                                  dev_queries=c.dev_queries, protocol=c.protocol,
                                  position=c.position, balanced=c.balanced,
                                  baseline_models=ctx.setdefault("baseline_models", {}),
@@ -112,12 +145,13 @@ def _icl_vs_gd_run(model: Any, u: dict, c: IclVsGdSection, ctx: dict
         return comp.run(cfg, u["seed"], "model", splits)
     done = _sweep_results(ctx["out"], u, c)
     name = FineTuneConfig(method=u["method"], params=c.params).name
+    label = task_labels(c.tasks)[u["task"]]  # the name the sweep's tables carry
     chosen = select_lr(sweep_rows(done["per_query"], done["finetune"])) if done else {}
-    if (u["task"], name) not in chosen:
+    if (label, name) not in chosen:
         # every rate diverged: nothing to compare the baseline with
-        return {"finetune": pd.DataFrame([{"task": u["task"], "method": name, "run": u["run"],
+        return {"finetune": pd.DataFrame([{"task": label, "method": name, "run": u["run"],
                                            "seed": u["seed"], "skipped": "every rate diverged"}])}
-    cfg = FineTuneConfig(method=u["method"], params=c.params, lr=chosen[(u["task"], name)],
+    cfg = FineTuneConfig(method=u["method"], params=c.params, lr=chosen[(label, name)],
                          loss_tokens=c.loss_tokens)
     return comp.run(cfg, u["seed"], u["run"], ("test",))
 
@@ -152,9 +186,10 @@ def _implied_run(model: Any, u: dict, s: ImpliedUpdatesSection, ctx: dict
     from .probes import implied_updates, update_trajectory, verify_identities
     from .prompts import build_prompts
 
-    pairs = build_prompts(model, u["task"], range(s.prompts), k=s.k, seed=u["seed"])
+    task = labeled_task(u["task"], s.tasks)
+    pairs = build_prompts(model, task, range(s.prompts), k=s.k, seed=u["seed"])
     up = implied_updates(model, pairs)
-    traj = update_trajectory(model, u["task"], query=s.trajectory_query, k=s.k,
+    traj = update_trajectory(model, task, query=s.trajectory_query, k=s.k,
                              seed=u["seed"])
     ident = verify_identities(model, pairs[: s.verify_prompts])
     return {"probes": up.table(), "trajectory": traj, "identities": ident}
@@ -173,7 +208,7 @@ def _order_run(model: Any, u: dict, s: OrderSensitivitySection, ctx: dict
     for q in range(s.queries):
         if u["n_demos"] < 2:
             break  # one demonstration has a single ordering
-        pair = build_prompt(model, u["task"], q, u["n_demos"], seed=q)
+        pair = build_prompt(model, labeled_task(u["task"], s.tasks), q, u["n_demos"], seed=q)
         t = order_sensitivity_table(model, pair, orderings=s.orderings, methods=s.methods,
                                     lr=u["lr"], seed=q)
         t.insert(0, "query", q)
@@ -210,7 +245,7 @@ def _heads_run(model: Any, u: dict, s: RealHeadsSection, ctx: dict) -> dict[str,
     from . import dual
     from .prompts import build_prompts
 
-    pairs = build_prompts(model, u["task"], range(s.prompts), k=s.k)
+    pairs = build_prompts(model, labeled_task(u["task"], s.tasks), range(s.prompts), k=s.k)
     return dual.real_head_claims(model, pairs)
 
 
@@ -274,8 +309,9 @@ def _provenance_mismatch(old: dict, new: dict) -> list[str]:
 
 
 
-def _check_provenance(out: Path, key: str, prov: dict) -> None:
-    """Refuse results of another setting under the same model key; record the first."""
+def _check_provenance(out: Path, key: str, prov: dict, *, record: bool = True) -> None:
+    """Refuse results of another setting under the same model key; record the first
+    (``record=False``: check only)."""
     path = out / "provenance" / f"{key}.json"
     if path.is_file():
         diffs = _provenance_mismatch(json.loads(path.read_text()), prov)
@@ -285,8 +321,9 @@ def _check_provenance(out: Path, key: str, prov: dict) -> None:
                 f": mixing them would give a report of neither. Use another --out, or delete "
                 f"{out} to start afresh")
         return
-    path.parent.mkdir(exist_ok=True)
-    write_text(path, json.dumps(prov, indent=2))
+    if record:
+        path.parent.mkdir(exist_ok=True)
+        write_text(path, json.dumps(prov, indent=2))
 
 
 # ------------------------------------------------------------------------------ units
@@ -385,18 +422,44 @@ def output_dir(config: Config, out: str | Path | None) -> Path:
     return Path(out) if out is not None else Path("runs") / f"{config.name}-{config.digest}"
 
 
-def stamp_output(out: Path, config: Config) -> None:
-    """``OUT/config.json``: the validated config, refused when OUT holds another's results."""
+def check_stamp(out: Path, config: Config, inputs: dict[str, str]) -> bool:
+    """Refuse an ``OUT`` that holds another config's results, or results of a task file whose
+    contents have changed since (naming the file); True when OUT is stamped already. Writes
+    nothing."""
     stamp = out / "config.json"
-    if stamp.is_file():
+    if not stamp.is_file():
+        return False
+    try:
         old = json.loads(stamp.read_text())
-        if old.get("digest") != config.digest:
-            raise ExperimentError(
-                f"{out} holds results of a different config (digest {old.get('digest')}, this "
-                f"one {config.digest}); use another --out, or delete {out}")
+    except (OSError, ValueError) as e:
+        raise ExperimentError(f"{stamp} is unreadable ({e}); delete {out} to start afresh, or "
+                              "use another --out") from e
+    if old.get("digest") != config.digest:
+        raise ExperimentError(
+            f"{out} holds results of a different config (digest {old.get('digest')}, this "
+            f"one {config.digest}); use another --out, or delete {out}")
+    before = old.get("inputs") or {}
+    changed = [t for t in inputs if t in before and before[t] != inputs[t]]
+    if changed:
+        t = changed[0]
+        raise ExperimentError(
+            f"task file {task_file(t)} has changed since the results in {out} were computed "
+            f"(sha256 {before[t]}... then, {inputs[t]}... now): resuming would mix results of "
+            f"its old and new items{f' (and {len(changed) - 1} more changed)' if changed[1:] else ''}"
+            f". Use another --out, or delete {out} to start afresh")
+    return True
+
+
+def stamp_output(out: Path, config: Config, inputs: dict[str, str] | None = None) -> None:
+    """``OUT/config.json``: the validated config and the digests of the task files it read
+    (refused when OUT holds another's results; see :func:`check_stamp`). A run writes it only
+    with its first finished unit, so a run refused or failed before that leaves nothing."""
+    inputs = input_digests(config) if inputs is None else inputs
+    if check_stamp(out, config, inputs):
         return
-    write_text(stamp, json.dumps({"digest": config.digest, "name": config.name,
-                                  "config": config.body, "path": config.path}, indent=2))
+    write_text(out / "config.json",
+               json.dumps({"digest": config.digest, "name": config.name, "config": config.body,
+                           "path": config.path, "inputs": inputs}, indent=2))
 
 
 def stamped_config(out: str | Path) -> Config:
@@ -461,9 +524,10 @@ def run_experiment(config: Config, *, model: Any = None, model_name: str | None 
     out = output_dir(config, out)
     units = experiment_units(config, specs)
     mine = shard_units(units, *shard) if shard is not None else units
+    inputs = input_digests(config)
     out.mkdir(parents=True, exist_ok=True)
     with Lock(out, shard):
-        stamp_output(out, config)
+        stamped = check_stamp(out, config, inputs)  # nothing is written before every check
         cleaned = clean_leftovers(out, [unit_id(sec, u) for sec, u in mine])
         done = {d.name for d in finished_units(out)}
         todo = [(sec, u) for sec, u in mine if unit_id(sec, u) not in done]
@@ -491,8 +555,20 @@ def run_experiment(config: Config, *, model: Any = None, model_name: str | None 
                 loaded[key] = spec
                 if key not in provs:  # once per model and run (a digest of every weight)
                     provs[key] = provenance(spec, config)
-                    _check_provenance(out, key, provs[key])
+                    _check_provenance(out, key, provs[key], record=False)
             return loaded[key]
+
+        recorded: set[str | None] = set()
+
+        def record(key: str | None) -> None:
+            """The stamp and the model's provenance, written with its first finished unit."""
+            nonlocal stamped
+            if not stamped:
+                stamp_output(out, config, inputs)
+                stamped = True
+            if key is not None and key not in recorded:
+                _check_provenance(out, key, provs[key])
+                recorded.add(key)
 
         if model is not None:  # loaded models given: their provenance is checked up front
             for key in specs:
@@ -512,6 +588,7 @@ def run_experiment(config: Config, *, model: Any = None, model_name: str | None 
             t0 = time.perf_counter()
             ctx = ctxs.setdefault(key, {"out": out})
             tables = SECTIONS[sec][1](m, u, config.settings(sec), ctx)
+            record(key)
             write_unit(out / "units", uid, tables, {"section": sec, "unit": u,
                                                     "seconds": time.perf_counter() - t0,
                                                     "provenance": provs.get(key)})

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -35,10 +36,22 @@ from .errors import ExperimentError
 COMPLETE = "COMPLETE"  # a unit's completion marker, written last: the digest of its files
 
 
+_PLAIN = re.compile(r"[A-Za-z0-9._=+-]+")
+
+
 def unit_id(section: str, unit: dict) -> str:
-    """The unit's directory name: its section and every key, sorted."""
+    """The unit's directory name: its section and every key, sorted (``icl_vs_gd__lr=0.01__
+    method=dai__...``). Where a value is not plain (a path's ``/``, a space, ``__``), the
+    readable part is squeezed and a digest of the exact unit follows (``__h=1a2b3c4d5e``), so
+    two units never share a directory (``x/good.jsonl`` and ``x_good.jsonl`` did). Plain ids
+    are unchanged, so output directories of earlier releases resume."""
     parts = [section] + [f"{k}={v}" for k, v in sorted(unit.items())]
-    return "__".join(p.replace("/", "_").replace(" ", "") for p in parts)
+    if all(_PLAIN.fullmatch(p) and "__" not in p for p in parts):
+        return "__".join(parts)
+    exact = json.dumps([section, sorted((k, str(v)) for k, v in unit.items())])
+    readable = "__".join(re.sub(r"[^A-Za-z0-9._=+-]+", "_", p).replace("__", "_")
+                         for p in parts)
+    return f"{readable[:120]}__h={hashlib.sha256(exact.encode()).hexdigest()[:10]}"
 
 
 def _files_digest(d: Path) -> str:
