@@ -155,8 +155,8 @@ def _shard(text: str | None) -> tuple[int, int] | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .experiments import (EXPERIMENTS_DIR, finished_units, load_config, output_dir,
-                              run_experiment)
+    from .experiments import (EXPERIMENTS_DIR, check_inputs, finished_units, load_config,
+                              model_specs, output_dir, run_experiment)
 
     if args.all and args.config:
         raise ExperimentError(f"run {args.config} --all: give one config or --all (every "
@@ -171,9 +171,12 @@ def _run(args: argparse.Namespace) -> int:
     else:
         paths = [Path(args.config) if args.config else EXPERIMENTS_DIR / "default.toml"]
     configs = [load_config(p) for p in paths]  # every config validated before any work
+    outs = []
     for path, config in zip(paths, configs):
-        out = output_dir(config, Path(args.out) / path.stem if args.out and args.all
-                         else args.out)
+        check_inputs(config, model_specs(config, args.model))  # tasks, splits, layers
+        outs.append(output_dir(config, Path(args.out) / path.stem if args.out and args.all
+                               else args.out))
+    for path, config, out in zip(paths, configs, outs):
         cluster = config.settings("cluster")
         launcher = args.launcher or cluster.launcher
         jobs = args.jobs if args.jobs is not None else cluster.jobs

@@ -38,6 +38,8 @@ import dataclasses
 import gc
 import hashlib
 import json
+import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -52,6 +54,8 @@ from .config import (EXPERIMENTS_DIR, Config, IclVsGdSection, ImpliedUpdatesSect
                      load_config)
 from .doctor import last_verdict
 from .errors import ConfigError, ExperimentError
+from .gd import PARAM_SETS
+from .plan import model_layers
 from .report import ANCHORS, icl_vs_gd_summary, write_report
 from .selfcheck import FAST_ENV, fast_enabled, stack_versions
 from .store import (Lock, clean_leftovers, finished_units, read_results, unit_finished, unit_id,
@@ -114,6 +118,76 @@ def input_digests(config: Config) -> dict[str, str]:
     specs = sorted({t for sec in config.sections
                     for t in getattr(config.settings(sec), "tasks", []) or []})
     return {t: hashlib.sha256(task_file(t).read_bytes()).hexdigest()[:16] for t in specs}
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+def _need(cond: bool, where: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{where}: {message}")
+
+
+def _check_params(params: str, n_layers: int, where: str, model: str) -> None:
+    """A parameter set (``kv``, ``qkvo``, ``mlp``, ``all``, ``v:L``) against a model's layers."""
+    m = re.fullmatch(r"v:(\d+)", params)
+    if m is None:
+        _need(params in PARAM_SETS, where, f"{params!r} is not a parameter set; expected one "
+              f"of {list(PARAM_SETS)} or 'v:L' (layer L's W_V)")
+        return
+    _need(int(m.group(1)) < n_layers, where, f"{params!r}: model {model!r} has layers "
+          f"0..{n_layers - 1}")
+
+
+def _check_task_sizes(sec: str, s: Any, where: str) -> None:
+    """The sizes a section asks of each of its tasks, against the task (and its splits)."""
+    for spec in s.tasks:
+        task = load_task(spec)
+        n = len(task)
+        w = f"{where} [{sec}] tasks: {spec!r}"
+        _need(n >= 2, w, f"has {n} item; a prompt needs at least one demonstration and a query")
+        if sec == "icl_vs_gd":
+            sizes = {name: len(task.split(name)) for name in ("train", "dev", "test")}
+            for key, split in (("k", "train"), ("queries", "test"), ("dev_queries", "dev")):
+                _need(getattr(s, key) <= sizes[split], f"{where} [{sec}] {key}",
+                      f"{getattr(s, key)}, but task {spec!r} has {sizes[split]} items in its "
+                      f"{split} split (docs/protocol.md, Splits); use {key} <= {sizes[split]}")
+            continue
+        k = max(s.n_demos) if sec == "order_sensitivity" else s.k
+        key = "n_demos" if sec == "order_sensitivity" else "k"
+        _need(k < n, f"{where} [{sec}] {key}", f"{k} demonstrations, but task {spec!r} has "
+              f"{n} items (the query is never its own demonstration); use at most {n - 1}")
+        queries = s.queries if sec == "order_sensitivity" else s.prompts
+        qkey = "queries" if sec == "order_sensitivity" else "prompts"
+        _need(queries <= n, f"{where} [{sec}] {qkey}", f"{queries}, but task {spec!r} has {n} "
+              f"items; use at most {n}")
+
+
+def check_inputs(config: Config, specs: dict[str, Any]) -> None:
+    """Everything a run would otherwise find out only after a model loads (minutes on a 7B
+    model), checked before any weight is read: each task's size and splits against ``k``,
+    ``queries``, ``dev_queries``, ``n_demos`` and ``prompts``; parameter sets and ``v:L``
+    methods against each model's layers (read from its config on the meta device)."""
+    where = f"config {config.path or config.name!r}"
+    layer_sets = []
+    for sec in config.sections:
+        s = config.settings(sec)
+        if hasattr(s, "tasks"):
+            _check_task_sizes(sec, s, where)
+        if sec == "icl_vs_gd":
+            layer_sets.append((f"{where} [icl_vs_gd] params", s.params))
+        if sec == "order_sensitivity":
+            layer_sets += [(f"{where} [order_sensitivity] methods", m) for m in s.methods
+                           if m.startswith("v:")]
+        if sec == "implied_updates":
+            _need(s.verify_prompts <= s.prompts, f"{where} [implied_updates] verify_prompts",
+                  f"{s.verify_prompts} > prompts = {s.prompts}; verify at most the prompts run")
+    if not layer_sets:
+        return
+    for key, spec in specs.items():
+        n_layers = spec.cfg.n_layers if hasattr(spec, "cfg") else model_layers(spec)
+        for w, params in layer_sets:
+            _check_params(params, n_layers, w, key)
 
 
 def _comparison(model: Any, c: IclVsGdSection, task: str, ctx: dict) -> Any:
@@ -419,7 +493,19 @@ def shard_units(units: list[tuple[str, dict]], index: int, count: int
 
 
 def output_dir(config: Config, out: str | Path | None) -> Path:
-    return Path(out) if out is not None else Path("runs") / f"{config.name}-{config.digest}"
+    """``out``, or ``runs/NAME-DIGEST``; refused when it names an existing file, or a place
+    this process cannot write (before any work)."""
+    path = Path(out) if out is not None else Path("runs") / f"{config.name}-{config.digest}"
+    if path.exists() and not path.is_dir():
+        raise ExperimentError(f"--out {path}: that is an existing file, not a directory; give "
+                              "a new or existing directory for the results")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ExperimentError(f"--out {path}: {probe} is not writable by this user; give a "
+                              "directory you can write to (or fix its permissions)")
+    return path
 
 
 def check_stamp(out: Path, config: Config, inputs: dict[str, str]) -> bool:
@@ -521,6 +607,7 @@ def run_experiment(config: Config, *, model: Any = None, model_name: str | None 
 
     exp = config.settings("experiment")
     specs = model_specs(config, model if model is not None else model_name)
+    check_inputs(config, specs)  # before any weight loads
     out = output_dir(config, out)
     units = experiment_units(config, specs)
     mine = shard_units(units, *shard) if shard is not None else units

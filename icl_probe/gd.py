@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -60,11 +61,28 @@ METHODS = ("dai", "batch", "adam", "lcgd")
 # A run whose last loss exceeds this multiple of its first counts as diverged: at a sane rate
 # the per-demonstration losses stay level or fall; lr = 1e3 on the embedded model triples it.
 DIVERGENCE_FACTOR = 3.0
+# ... and so does a run after which the loss of its first training example, recomputed with
+# the final weights, exceeds this multiple of that example's loss before training: a run that
+# trained on an example and made it much worse has overshot. This also covers one- and
+# few-step runs (a full-batch step records one loss), which the rule above cannot judge.
+RISE_FACTOR = 2.0
 # An output whose logits over the vocabulary vary less than this is collapsed (lr = 1e6 on the
 # embedded model drives the standard deviation to exactly 0); compare() applies the same rule
 # to every query's fine-tuned logits.
 COLLAPSE_STD = 1e-4
 PARAM_SETS = ("kv", "qkvo", "mlp", "all")
+
+
+def learning_rate(lr: Any, where: str) -> float:
+    """``lr`` as a float: any real number type (``np.float32(0.01)`` included) that is
+    positive and finite; ``True``/``False`` are refused (a bool is not a rate)."""
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise FineTuneError(f"{where}: got {lr!r} ({type(lr).__name__}); expected a positive "
+                            "finite number such as 1e-3")
+    value = float(lr)
+    if not (value > 0 and math.isfinite(value)):
+        raise FineTuneError(f"{where}: got {lr!r}; expected a positive finite learning rate")
+    return value
 
 
 @dataclass(frozen=True)
@@ -88,8 +106,7 @@ class FineTuneConfig:
         if self.loss_tokens not in LOSS_TOKENS:
             raise FineTuneError(f"FineTuneConfig(loss_tokens={self.loss_tokens!r}): expected one "
                                f"of {LOSS_TOKENS}")
-        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < float("inf")):
-            raise FineTuneError(f"FineTuneConfig(lr={self.lr!r}): expected a positive finite rate")
+        object.__setattr__(self, "lr", learning_rate(self.lr, "FineTuneConfig(lr=...)"))
         for name in ("steps", "epochs"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -477,8 +494,7 @@ def finetune(
         raise FineTuneError(f"method={method!r}: expected one of {METHODS}")
     if not pair.spans.demos:
         raise FineTuneError("finetune(): the prompt has no demonstrations to train on")
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-        raise FineTuneError(f"lr={lr!r}: expected a positive finite learning rate")
+    lr = learning_rate(lr, "finetune(lr=...)")
     torch.manual_seed(seed)
     train = trainable_parameters(model, params)
     if not isinstance(steps, int) or steps < 1 or not isinstance(epochs, int) or epochs < 1:
@@ -493,6 +509,7 @@ def finetune(
     demo_of_step: list[int] = []
     diverged = False
 
+    watched, first_before = 0, None  # an example's loss before any step (rising-loss rule)
     q_store: list[torch.Tensor] = []
     qhooks = []
     if record_queries:  # the queries as the model uses them (after QK-norm and rotary)
@@ -521,10 +538,13 @@ def finetune(
 
         if method == "batch":
             canonical = sorted(range(len(examples)), key=lambda i: pair.demos[i])
+            watched = canonical[0]  # the rising-loss rule's example
             for _ in range(steps):
                 opt.zero_grad(set_to_none=True)
-                loss = sum(_example_loss(model, *examples[i], method, []) for i in canonical)
-                if diverged := step(loss / len(examples)):
+                parts = [_example_loss(model, *examples[i], method, []) for i in canonical]
+                if first_before is None:
+                    first_before = float(parts[0].detach())
+                if diverged := step(sum(parts) / len(examples)):
                     break
         else:
             for _ in range(epochs if method == "adam" else 1):
@@ -547,18 +567,21 @@ def finetune(
         for p, f in zip(all_params, flags):
             p.requires_grad_(f)
         model.eval()
-    reason = None
     view = FineTunedModel(model, deltas)
-    if diverged:
-        reason = "non-finite loss or parameter"
-    elif len(losses) > 1 and losses[-1] > DIVERGENCE_FACTOR * losses[0]:
-        diverged = True
-        reason = (f"final loss {losses[-1]:.3g} > {DIVERGENCE_FACTOR:g} x the first "
-                  f"({losses[0]:.3g})")
-    elif is_collapsed(_zero_shot_logits(view, pair)):
-        diverged = True
+    reason = None if not diverged else "non-finite loss or parameter"
+    if reason is None and is_collapsed(_zero_shot_logits(view, pair)):
         reason = (f"collapsed output: the fine-tuned logits at p on the zero-shot prompt vary "
                   f"by less than {COLLAPSE_STD:g} (std over the vocabulary)")
+    if reason is None and len(losses) > 1 and losses[-1] > DIVERGENCE_FACTOR * losses[0]:
+        reason = (f"final loss {losses[-1]:.3g} > {DIVERGENCE_FACTOR:g} x the first "
+                  f"({losses[0]:.3g})")
+    if reason is None:
+        before = losses[0] if first_before is None else first_before
+        after = _final_loss(view, *examples[watched], method)
+        if not after <= RISE_FACTOR * before:
+            reason = (f"loss rose on a trained example: demonstration {watched}'s loss is "
+                      f"{after:.3g} after training, {before:.3g} before (> {RISE_FACTOR:g}x)")
+    diverged = reason is not None
     ft = FineTune(deltas=deltas, losses=losses, diverged=diverged, method=method, params=params,
                   lr=float(lr), step_queries=queries, step_demos=demo_of_step,
                   divergence=reason)
@@ -571,6 +594,18 @@ def is_collapsed(logits: torch.Tensor) -> bool:
     standard deviation is below :data:`COLLAPSE_STD` (non-finite logits count as collapsed)."""
     std = float(logits.double().std())
     return not std >= COLLAPSE_STD
+
+
+def _final_loss(view: FineTunedModel, ids: torch.Tensor, mask: torch.Tensor,
+                method: str) -> float:
+    """One example's loss, as ``method`` trains it, with the fine-tuned weights (LCGD decodes
+    every layer through the final norm and unembedding outside the forward, so its weights are
+    patched for the whole computation)."""
+    with torch.inference_mode():
+        if method != "lcgd":
+            return float(_example_loss(view, ids, mask, method, []))
+        with view.applied():
+            return float(_example_loss(view._base, ids, mask, method, []))
 
 
 def _zero_shot_logits(view: FineTunedModel, pair: PromptPair) -> torch.Tensor:

@@ -21,6 +21,9 @@ command again computes only what is missing.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +32,8 @@ from tqdm.auto import tqdm
 
 from .config import LAUNCHERS, Config
 from .errors import ExperimentError
-from .experiments import (experiment_units, finished_units, model_specs, rebuild_report,
+from .experiments import (check_inputs, experiment_units, finished_units, model_specs,
+                          rebuild_report,
                           run_experiment, shard_units, stamp_output, unit_id)
 
 __all__ = ["LAUNCHERS", "launch", "run_shard", "slurm_executor"]
@@ -81,6 +85,20 @@ def slurm_executor(folder: Path, name: str, options: dict, n_tasks: int, paralle
         params["additional_parameters"] = extra
     ex.update_parameters(**params)
     return ex
+
+
+def _slurm_or_error(call: Any) -> Any:
+    """``call()``, with Slurm's absence or refusal as a clear :class:`ExperimentError`."""
+    try:
+        return call()
+    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+        where = "this machine has no Slurm (no `sbatch`/`srun` on its PATH)" \
+            if shutil.which("sbatch") is None else \
+            f"sbatch refused the job array ({str(e).splitlines()[0][:200]})"
+        raise ExperimentError(
+            f"--launcher slurm: {where}, so nothing was queued. Run on a Slurm login node, or "
+            "use --launcher local (subprocesses here), or --shard I/N with any other "
+            "scheduler") from e
 
 
 def _shards_to_run(units: list[tuple[str, dict]], out: Path, count: int) -> list[int]:
@@ -138,8 +156,14 @@ def launch(config: Config, *, out: Path, launcher: str = "serial", jobs: int = 1
 
     import submitit
 
-    all_units = experiment_units(config, model_specs(config, model_name))
+    specs = model_specs(config, model_name)
+    check_inputs(config, specs)  # before anything is queued
+    all_units = experiment_units(config, specs)
     units = [unit_id(s, u) for s, u in all_units]
+    if launcher == "slurm":  # before anything is written: is there a Slurm to queue on?
+        with tempfile.TemporaryDirectory() as probe:
+            _slurm_or_error(lambda: slurm_executor(Path(probe), config.name,
+                                                   {"time": 1}, 1, 1))
     # the directory is stamped (and a different config refused) before anything is queued
     out.mkdir(parents=True, exist_ok=True)
     stamp_output(out, config)
@@ -165,8 +189,12 @@ def launch(config: Config, *, out: Path, launcher: str = "serial", jobs: int = 1
         options = dict(slurm or {})
         options.setdefault("time", 240)
         ex = slurm_executor(out / "jobs" / "%j", config.name, options, len(shards), jobs)
-        with ex.batch():
-            submitted = [ex.submit(run_shard, *a, **kw) for a in args]
+
+        def submit() -> list:
+            with ex.batch():
+                return [ex.submit(run_shard, *a, **kw) for a in args]
+
+        submitted = _slurm_or_error(submit)
         array = submitted[0].job_id.split("_")[0]
         rep = slurm_executor(out / "jobs" / "%j", f"{config.name}-report",
                              {"time": 30, "partition": options.get("partition"),

@@ -24,7 +24,9 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle
 import shutil
+import struct
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -303,6 +305,26 @@ def _bridge(hf_model: Any, tokenizer: Any, *, info: ModelInfo, device: torch.dev
     return bridge
 
 
+# what the gguf reader raises on a truncated or corrupt file
+GGUF_READ_ERRORS = (ValueError, struct.error, EOFError, IndexError, KeyError, TypeError,
+                    OverflowError)
+
+
+def unreadable_gguf(path: Path, error: BaseException) -> ModelLoadError:
+    """The error for a ``.gguf`` whose header or tensors cannot be read."""
+    size = path.stat().st_size if path.is_file() else 0
+    return ModelLoadError(
+        f"{path}: not a readable GGUF file ({size:,} bytes; the reader says: "
+        f"{_error_name(error)}: {(str(error).splitlines() or [''])[0][:160]}). It is probably "
+        "truncated (an interrupted download or copy): download it again and check its size "
+        "or checksum against the source")
+
+
+def _error_name(error: BaseException) -> str:
+    mod = type(error).__module__
+    return type(error).__qualname__ if mod == "builtins" else f"{mod}.{type(error).__qualname__}"
+
+
 def remote_code(directory: Path) -> str | None:
     """Why loading ``directory`` would run Python code that ships with it, or None.
 
@@ -493,7 +515,10 @@ def load_model(
                 raise ModelLoadError(
                     f"load_model(): {gguf} is not a GGUF file (it starts with {magic!r}, not "
                     "b'GGUF'); pass a real .gguf, or a Hugging Face directory")
-        directory = cached_gguf_dir(gguf)
+        try:
+            directory = cached_gguf_dir(gguf)
+        except GGUF_READ_ERRORS as e:
+            raise unreadable_gguf(gguf, e) from e
         hf_model, tok = _from_hf_directory(
             str(directory), dtype=torch_dtype, device_map=hf_map, max_memory=max_memory,
             trust_remote_code=False, revision=None,
@@ -521,7 +546,20 @@ def load_model(
             max_memory=max_memory,
             trust_remote_code=trust_remote_code, revision=revision,
         )
+    except pickle.UnpicklingError as e:
+        raise ModelLoadError(
+            f"load_model({name!r}): its weights are a pickle (.bin) that torch refuses to load "
+            "safely (weights_only=True: it holds objects other than tensors). icl-probe never "
+            "unpickles arbitrary objects. Convert the weights to safetensors where you trust "
+            "the file (for example with transformers: save_pretrained(..., "
+            "safe_serialization=True)), and load that directory") from e
     except OSError as e:
+        if source == "directory":
+            raise ModelLoadError(
+                f"load_model({name!r}): {path} has a config.json but no weights transformers can "
+                "read (model.safetensors, model-*.safetensors with model.safetensors.index.json, "
+                "or pytorch_model.bin). Copy the weights into it, or point at the directory "
+                f"that has them. Underlying error: {str(e).splitlines()[0]}") from e
         why = "HF_HUB_OFFLINE is set" if _offline() else "the hub could not be reached"
         raise ModelLoadError(
             f"load_model({name!r}): its weights are not available offline ({why}, and the "

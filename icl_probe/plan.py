@@ -62,7 +62,8 @@ def _hf_config(spec: str | None) -> tuple[Any, str, str | None]:
     """(transformers config, where it was read, a directory or GGUF with a tokenizer)."""
     from transformers import AutoConfig
 
-    from .models import embedded_gguf_path, gguf_cache_path, hub_snapshot, refuse_remote_code
+    from .models import (GGUF_READ_ERRORS, embedded_gguf_path, gguf_cache_path, hub_snapshot,
+                         refuse_remote_code, unreadable_gguf)
 
     if spec is None or str(spec).endswith(".gguf"):
         gguf = embedded_gguf_path() if spec is None else Path(spec).expanduser()
@@ -75,7 +76,10 @@ def _hf_config(spec: str | None) -> tuple[Any, str, str | None]:
         from transformers import CONFIG_MAPPING
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-        meta = dict(load_gguf_checkpoint(str(gguf), return_tensors=False)["config"])
+        try:
+            meta = dict(load_gguf_checkpoint(str(gguf), return_tensors=False)["config"])
+        except GGUF_READ_ERRORS as e:
+            raise unreadable_gguf(gguf, e) from e
         meta.pop("_model_name_or_path", None)
         kind = meta.pop("model_type")
         return CONFIG_MAPPING[kind](**meta), f"{gguf} (GGUF metadata)", str(gguf)
@@ -125,6 +129,17 @@ def _tokenizer(where: str | None) -> Any:
                                              trust_remote_code=False)
     except Exception:  # no tokenizer files: lengths are estimated from characters
         return None
+
+
+def model_layers(spec: str | None) -> int:
+    """The number of layers of the model ``spec`` (as :func:`model_shape` reads it: from its
+    config, no weights)."""
+    cfg, _, _ = _hf_config(spec)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(text, name, None), int):
+            return getattr(text, name)
+    raise ModelLoadError(f"{spec}: its config gives no number of layers")
 
 
 def model_shape(spec: str | None, key: str | None = None, *, tokenizer: bool = False

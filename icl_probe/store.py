@@ -19,6 +19,7 @@ unit is renamed into place in one step, and each process cleans only its own lef
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -69,15 +70,18 @@ def unit_finished(d: Path) -> bool:
     marker = d / COMPLETE
     try:
         return marker.is_file() and marker.read_text().strip() == _files_digest(d)
-    except OSError:
+    except (OSError, ValueError):  # unreadable, or not text (a garbage marker): not finished
         return False
 
 
 def write_unit(root: Path, uid: str, tables: dict[str, pd.DataFrame], meta: dict) -> None:
     """All of a unit's tables appear at once or not at all: written into a temporary
     directory, sealed with the completion marker, then renamed into place."""
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{uid}.", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{uid}.", dir=root))
+    except OSError as e:
+        raise disk_error(root, e) from e
     try:
         for name, df in tables.items():
             df.to_csv(tmp / f"{name}.csv", index=False)
@@ -87,6 +91,9 @@ def write_unit(root: Path, uid: str, tables: dict[str, pd.DataFrame], meta: dict
         if final.exists():  # an unfinished leftover of an earlier run
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise disk_error(root / uid, e) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -139,11 +146,28 @@ def read_results(out: str | Path, uids: Iterable[str] | None = None
             for s, tabs in res.items()}
 
 
+def disk_error(path: Path, error: OSError) -> ExperimentError:
+    """A write that failed for want of space, quota or permission, as a clear error."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = "the disk (or your quota) is full"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "this user cannot write there (read-only, or permissions)"
+    else:
+        why = f"the write failed ({error.strerror or error})"
+    return ExperimentError(f"writing {path}: {why}. Finished units are kept; free space or fix "
+                           "the permissions and run the same command again to resume")
+
+
 def write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (readers see the old file or the new one)."""
+    """Write ``text`` to ``path`` atomically (readers see the old file or the new one); a
+    failed write leaves no temporary file behind."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise disk_error(path, e) from e
 
 
 def write_csv(path: Path, df: pd.DataFrame) -> None:

@@ -196,10 +196,18 @@ def read_task_file(path: str | Path) -> Task:
                 raise TaskFileError(f"{where}: 'labels' must be a list of strings or null")
             header = obj
             continue
-        if set(obj) != {"x", "y"} or not all(isinstance(obj[k], str) for k in ("x", "y")):
+        missing, unknown = sorted({"x", "y"} - set(obj)), sorted(set(obj) - {"x", "y"})
+        if missing or unknown:
             raise TaskFileError(
                 f"{where}: an item must be {{\"x\": str, \"y\": str}}, got keys {sorted(obj)}"
-            )
+                + (f"; missing {missing}" if missing else "")
+                + (f"; unknown {unknown}" if unknown else ""))
+        wrong = [k for k in ("x", "y") if not isinstance(obj[k], str)]
+        if wrong:
+            k = wrong[0]
+            raise TaskFileError(
+                f"{where}: {k!r} must be a string, got {type(obj[k]).__name__} {obj[k]!r}; quote "
+                f"it: \"{k}\": \"{obj[k]}\"")
         if not obj["x"].strip() or not obj["y"].strip():
             raise TaskFileError(f"{where}: empty 'x' or 'y'")
         if obj["x"] in seen:
