@@ -51,7 +51,8 @@ bench: setup
 lock: setup
 	$(BIN)/python -m pip install -q "uv==$(UV_VERSION)"
 	$(BIN)/uv pip compile pyproject.toml --extra test --universal --python-version 3.11 \
-		--no-emit-package torch --upgrade --quiet -o requirements.lock.candidate
+		--no-emit-package torch --upgrade --quiet --custom-compile-command "make lock" \
+		-o requirements.lock.candidate
 	rm -rf .venv-lock
 	$(MAKE) VENV=.venv-lock LOCK=requirements.lock.candidate test
 	mv requirements.lock.candidate requirements.lock
