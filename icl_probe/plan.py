@@ -31,7 +31,7 @@ from typing import Any, Iterable
 import torch
 
 from .config import Config
-from .errors import ModelLoadError
+from .errors import IclProbeError, ModelLoadError, TraceError
 
 __all__ = ["ModelShape", "Plan", "available_memory", "check_memory", "model_shape", "plan",
            "record_bytes"]
@@ -193,7 +193,7 @@ def record_bytes(shape: ModelShape, what: Iterable[str], n_prompts: int, tokens:
            "head_out": P * H * d}
     unknown = set(what) - set(per)
     if unknown:
-        raise ValueError(f"record_bytes(what=...): unknown quantities {sorted(unknown)}")
+        raise TraceError(f"record_bytes(what=...): unknown quantities {sorted(unknown)}")
     n = L * B * sum(per[w] for w in what)
     n += attention_weight_count(shape) if weights else 0
     n += B * shape.d_vocab if logits else 0
@@ -271,8 +271,9 @@ def check_memory(spec: str | None, *, dtype: Any = None, device: Any = None,
         return
     try:
         shape = model_shape(spec)
-    except Exception:  # an unreadable config: the loader itself says what is wrong
-        return
+    except (IclProbeError, OSError, ValueError, KeyError, TypeError):
+        return  # an unreadable or refused config: the loader itself says what is wrong
+    # (any other exception is a bug, and propagates rather than switch the check off)
     b = _dtype_bytes(dtype)
     need = int(shape.n_params * b * HEADROOM)
     free, where = available_memory(device, device_map=device_map, n_devices=n_devices)

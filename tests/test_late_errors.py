@@ -196,3 +196,20 @@ def test_a_rising_loss_is_flagged_on_few_step_runs():
     assert one.divergence.startswith("loss rose on a trained example")
     ok = ip.finetune(tiny, pair, method="batch", params="all", lr=1e-2)
     assert not ok.diverged, ok.divergence
+
+
+def test_the_memory_check_is_not_switched_off_by_a_bug(monkeypatch):
+    from icl_probe import plan
+
+    def bug(spec):
+        raise AttributeError("a bug in sizing")
+
+    monkeypatch.setattr(plan, "model_shape", bug)
+    with pytest.raises(AttributeError):
+        plan.check_memory(None)
+
+    def unreadable(spec):
+        raise ip.ModelLoadError("no config")
+
+    monkeypatch.setattr(plan, "model_shape", unreadable)
+    plan.check_memory(None)  # the loader reports an unreadable config itself
