@@ -279,10 +279,11 @@ def _order_run(model: Any, u: dict, s: OrderSensitivitySection, ctx: dict
     from .prompts import build_prompt
 
     rows = []
+    task = labeled_task(u["task"], s.tasks)
     for q in range(s.queries):
         if u["n_demos"] < 2:
             break  # one demonstration has a single ordering
-        pair = build_prompt(model, labeled_task(u["task"], s.tasks), q, u["n_demos"], seed=q)
+        pair = build_prompt(model, task, q, u["n_demos"], seed=q)
         t = order_sensitivity_table(model, pair, orderings=s.orderings, methods=s.methods,
                                     lr=u["lr"], seed=q)
         t.insert(0, "query", q)

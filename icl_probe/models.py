@@ -390,17 +390,11 @@ def _offline() -> bool:
 
 
 def _from_hf_directory(path_or_id: str, *, dtype: torch.dtype, device_map: Any,
-                       trust_remote_code: bool, revision: str | None,
-                       max_memory: Any = None) -> tuple[Any, Any]:
+                       revision: str | None, max_memory: Any = None) -> tuple[Any, Any]:
+    """The model and tokenizer of a directory or cached hub id; :func:`load_model` has refused
+    any that would run its own code, and transformers is told never to."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if trust_remote_code:
-        raise ModelLoadError("trust_remote_code=True: icl-probe never runs code that ships with "
-                             "a model; use an architecture transformers implements")
-    local = Path(path_or_id).expanduser()
-    where = local if local.is_dir() else hub_snapshot(path_or_id, revision)
-    if where is not None:
-        refuse_remote_code(where, f"load_model({path_or_id!r})")
     kwargs: dict[str, Any] = {"trust_remote_code": False}
     if _offline():  # read now: huggingface_hub reads HF_HUB_OFFLINE only once, at import
         kwargs["local_files_only"] = True
@@ -456,6 +450,8 @@ def load_model(
 
     ``device`` defaults to cuda, then mps, then cpu; ``dtype`` to float32 (bf16/fp16 are meant
     for GPUs). ``device_map`` / ``n_devices`` pass through for models larger than one GPU.
+    ``trust_remote_code`` is accepted only as False: a directory whose config needs its own
+    Python code is refused (:func:`refuse_remote_code`), never run.
 
     Returns the bridge; ``model.tokenizer`` is its tokenizer and ``model.icl_probe_info`` a
     :class:`ModelInfo` saying where it came from.
@@ -521,7 +517,7 @@ def load_model(
             raise unreadable_gguf(gguf, e) from e
         hf_model, tok = _from_hf_directory(
             str(directory), dtype=torch_dtype, device_map=hf_map, max_memory=max_memory,
-            trust_remote_code=False, revision=None,
+            revision=None,
         )
         info = ModelInfo(source, label, str(gguf), _uses_bos(tok))
         return _bridge(hf_model, tok, info=info, **common)
@@ -543,8 +539,7 @@ def load_model(
     try:
         hf_model, tok = _from_hf_directory(
             name if source == "hf" else str(path), dtype=torch_dtype, device_map=hf_map,
-            max_memory=max_memory,
-            trust_remote_code=trust_remote_code, revision=revision,
+            max_memory=max_memory, revision=revision,
         )
     except pickle.UnpicklingError as e:
         raise ModelLoadError(
