@@ -1,8 +1,7 @@
 """icl-probe: is in-context learning gradient descent? Probe real transformers to find out.
 
-The verbs, in the order a probing script uses them::
+The verbs, in the order a probing script uses them (``import icl_probe as ip``)::
 
-    import icl_probe as ip
     model = ip.load_model()                                   # embedded SmolLM2-135M-Instruct
     task = ip.load_task("capital")                            # a shipped task, or a task file
     pair = ip.build_prompt(model, task, query=0, k=8, seed=0) # ICL prompt + its zero-shot twin
@@ -44,21 +43,20 @@ Conventions follow TransformerLens: hook names ``blocks.{l}.attn.hook_pattern``,
 (Notation) writes ``q = W_Q r``; docstrings say where the transpose matters.
 """
 
-from .config import Config, load_config
+from .compare import Tables, compare
 from .errors import (CacheError, CompareError, ConfigError, DualError, ExperimentError,
                      FastPathError, FineTuneError, IclProbeError, ModelLoadError, PlotError,
                      ProbeError, PromptError, TaskFileError, TraceError)
-from .experiments import run_experiment
+from .experiments import Config, load_config
 from .gd import FineTune, FineTuneConfig, FineTunedModel, finetune
 from .hooks import AttentionRecord, trace
-from .inspect import demo_mass
 from .models import load_model, tiny_model
-from .probes import ImpliedUpdates, implied_updates, update_trajectory, verify_identities
-from .protocol import Tables, compare
+from .probes import (ImpliedUpdates, demo_mass, implied_updates, update_trajectory,
+                     verify_identities)
 from .prompts import PromptPair, build_prompt, build_prompts
+from .runs import run_experiment
 from .tasks import Task, load_anchor_dataset, load_task, shipped_tasks
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     # verbs
@@ -73,4 +71,5 @@ __all__ = [
     "IclProbeError", "CacheError", "CompareError", "ConfigError", "DualError",
     "ExperimentError", "FastPathError", "FineTuneError", "ModelLoadError", "PlotError", "ProbeError",
     "PromptError", "TaskFileError", "TraceError",
+    "__version__",
 ]

@@ -10,14 +10,23 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
-from . import doctor
+from . import doctor, models
 from .errors import ExperimentError, IclProbeError, PromptError
+from .experiments import (EXPERIMENTS_DIR, check_inputs, finished_units, load_config,
+                          model_specs, output_dir)
+from .experiments.plan import plan
+from .experiments.settings import parse_time
+from .models import Placement, load_model
+from .probes import inspect_pair, inspect_text, mass_heatmap, text_heatmap
+from .prompts import build_prompt
+from .report import rebuild_report
+from .runs import launch, run_experiment
+from .tasks import load_task, shipped_tasks
 
 
 def _models(args: argparse.Namespace) -> dict:
-    from . import models
-
     try:
         gguf = str(models.embedded_gguf_path())
     except IclProbeError as e:
@@ -60,8 +69,6 @@ def _print_models(info: dict) -> None:
 
 
 def _tasks(args: argparse.Namespace) -> list[dict]:
-    from .tasks import load_task, shipped_tasks
-
     rows = []
     for name in shipped_tasks():
         t = load_task(name)
@@ -73,12 +80,7 @@ def _tasks(args: argparse.Namespace) -> list[dict]:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .inspect import inspect_pair, mass_heatmap
-    from .models import load_model
-    from .prompts import build_prompt
-
     if args.prompt is None:  # check the request before the model load it would wait for
-        from .tasks import load_task
 
         task = load_task(args.task)
         if args.k < 0:
@@ -123,8 +125,6 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _inspect_text(model, args: argparse.Namespace) -> int:
-    from .inspect import inspect_text, text_heatmap
-
     view = inspect_text(model, args.prompt.replace("\\n", "\n"))
     if args.html:
         Path(args.html).parent.mkdir(parents=True, exist_ok=True)
@@ -155,9 +155,6 @@ def _shard(text: str | None) -> tuple[int, int] | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .experiments import (EXPERIMENTS_DIR, check_inputs, finished_units, load_config,
-                              model_specs, output_dir, run_experiment)
-
     if args.all and args.config:
         raise ExperimentError(f"run {args.config} --all: give one config or --all (every "
                               "shipped config, about a day of compute on a CPU), not both")
@@ -183,20 +180,18 @@ def _run(args: argparse.Namespace) -> int:
         if args.jobs is not None and (launcher == "serial" or shard is not None):
             raise ExperimentError(f"--jobs {args.jobs}: jobs are for --launcher local or slurm; "
                                   "this run is serial in this process")
-        kw = dict(model_name=args.model, device=args.device, dtype=args.dtype,
-                  device_map=args.device_map, n_devices=args.n_devices)
+        placement = Placement(args.device, args.dtype, args.device_map, args.n_devices)
         try:
             if shard is not None or launcher == "serial":
-                run_experiment(config, out=out, shard=shard, **kw)
+                run_experiment(config, out=out, shard=shard, model_name=args.model,
+                               **placement.load_kwargs())
             else:
-                from .launch import launch
-
                 slurm = {k: getattr(args, k) if getattr(args, k, None) is not None
                          else getattr(cluster, k) for k in ("partition", "gpus_per_task",
                                                             "cpus_per_task", "mem_gb", "time")}
                 slurm["sbatch"] = cluster.sbatch
                 launch(config, out=out, launcher=launcher, jobs=jobs, slurm=slurm,
-                       wait=args.wait, **kw)
+                       wait=args.wait, model_name=args.model, placement=placement)
         except KeyboardInterrupt:
             n = len(finished_units(out))
             print(f"\ninterrupted: {n} units kept in {out}, rerun the same command to resume",
@@ -206,17 +201,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .experiments import rebuild_report
-
     path = rebuild_report(args.out)
     print(f"report: {path.resolve()}")
     return 0
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .experiments import load_config
-    from .plan import plan
-
     config = load_config(args.config)
     p = plan(config, model_name=args.model, dtype=args.dtype)
     print(json.dumps(p.to_dict(), indent=2) if args.json else p.text())
@@ -224,8 +214,6 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _minutes(text: str) -> int:
-    from .config import parse_time
-
     try:
         return parse_time(int(text) if text.isdigit() else text, "--time")
     except IclProbeError as e:
@@ -244,7 +232,7 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="icl-probe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("models", help="model sources and the cache")
@@ -263,6 +251,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None)
     p.add_argument("--html", default=None, help="write a plotly heatmap here")
     p.add_argument("--json", action="store_true")
+    _add_run(sub)
+    p = sub.add_parser("report", help="rebuild report.html and summary.csv from the units")
+    p.add_argument("out", help="an experiment's output directory")
+    p = sub.add_parser("plan", help="parameters, memory and units of a config, without "
+                                    "loading weights")
+    p.add_argument("config", help="an experiments/*.toml file")
+    p.add_argument("--model", default=None, help="name, directory or .gguf (default: the "
+                                                 "config's)")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("doctor", help="versions, model identities and fast-vs-slow checks: "
+                                      "does this installation compute the right numbers?")
+    p.add_argument("--tiny-only", action="store_true",
+                   help="skip the embedded model (tiny models built in memory only)")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _add_run(sub: Any) -> None:
     p = sub.add_parser("run", help="run an experiment config (default: experiments/default.toml)")
     p.add_argument("config", nargs="?", default=None, help="an experiments/*.toml file")
     p.add_argument("--all", action="store_true", help="run every experiments/*.toml")
@@ -288,43 +295,29 @@ def main(argv: list[str] | None = None) -> int:
                    help="time limit per array task: minutes, HH:MM:SS or D-HH:MM:SS")
     g.add_argument("--wait", action="store_true",
                    help="slurm: wait for the jobs and write the report here")
-    p = sub.add_parser("report", help="rebuild report.html and summary.csv from the units")
-    p.add_argument("out", help="an experiment's output directory")
-    p = sub.add_parser("plan", help="parameters, memory and units of a config, without "
-                                    "loading weights")
-    p.add_argument("config", help="an experiments/*.toml file")
-    p.add_argument("--model", default=None, help="name, directory or .gguf (default: the "
-                                                 "config's)")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--json", action="store_true")
-    p = sub.add_parser("doctor", help="versions, model identities and fast-vs-slow checks: "
-                                      "does this installation compute the right numbers?")
-    p.add_argument("--tiny-only", action="store_true",
-                   help="skip the embedded model (tiny models built in memory only)")
-    p.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
+
+
+def _print_tasks(rows: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        labels = "/".join(r["labels"]) if r["labels"] else "open-ended"
+        print(f"{r['task']:<12} {r['items']:>4} items  {labels:<32} {r['description']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    commands = {"inspect": _inspect, "run": _run, "report": _report, "plan": _plan,
+                "doctor": _doctor}
     try:
         if args.command == "models":
             info = _models(args)
             print(json.dumps(info, indent=2)) if args.json else _print_models(info)
         elif args.command == "tasks":
-            rows = _tasks(args)
-            if args.json:
-                print(json.dumps(rows, indent=2))
-            else:
-                for r in rows:
-                    labels = "/".join(r["labels"]) if r["labels"] else "open-ended"
-                    print(f"{r['task']:<12} {r['items']:>4} items  {labels:<32} {r['description']}")
-        elif args.command == "inspect":
-            return _inspect(args)
-        elif args.command == "run":
-            return _run(args)
-        elif args.command == "report":
-            return _report(args)
-        elif args.command == "plan":
-            return _plan(args)
-        elif args.command == "doctor":
-            return _doctor(args)
+            _print_tasks(_tasks(args), args.json)
+        else:
+            return commands[args.command](args)
     except IclProbeError as e:
         print(f"icl-probe: error: {e}", file=sys.stderr)
         return 2

@@ -27,15 +27,12 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 
-from .architectures import attention_spec
 from .errors import IclProbeError
-from .hooks import trace
-from .models import cache_dir, load_model, tiny_model
-from .prefix import trace_shared_prefix
+from .hooks import answer_logprobs, trace, trace_shared_prefix
+from .hooks.selfcheck import relative_error, stack_versions, tolerance
+from .models import attention_spec, cache_dir, load_model, tiny_model
 from .probes import verify_identities
 from .prompts import build_prompt
-from .scoring import answer_logprobs
-from .selfcheck import relative_error, stack_versions, tolerance
 
 # worst relative error a model identity may show, per dtype (measured: float32 3.4e-6 on the
 # embedded model, float64 below 1e-10 on every tiny family)

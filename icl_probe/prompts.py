@@ -258,7 +258,43 @@ def build_prompt(
     if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 0:
         raise PromptError(f"build_prompt(k={k!r}): k must be an integer >= 0 (the number of "
                           "demonstrations)")
-    rng = random.Random(seed)
+    demo_idx, demo_labels = _choose_demos(task, query, k, random.Random(seed), demos=demos,
+                                          order=order, shuffle_labels=shuffle_labels,
+                                          balanced=balanced, pool=pool)
+    if prepend_bos is None:
+        prepend_bos = model_info(model).prepend_bos
+    t = _tokenize(tokenizer, task, query, demo_idx, demo_labels, prepend_bos)
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    if n_ctx is not None and len(t["ids"]) > n_ctx:
+        raise PromptError(
+            f"build_prompt(task={task.name!r}, k={len(demo_idx)}): the ICL prompt has "
+            f"{len(t['ids'])} tokens but the model's context holds {n_ctx}. Fix: use fewer "
+            "demonstrations (smaller k)"
+        )
+    label_ids, target, labels, candidates, scoring = _candidates(tokenizer, task,
+                                                                 task.items[query].y)
+    ids, q_ids, bos = t["ids"], t["q_ids"], t["bos"]
+    zs_ids = ([tokenizer.bos_token_id] if prepend_bos else []) + q_ids
+    off = 1 if prepend_bos else 0
+    zs_spans = Spans(bos, (), Span(off, off + len(q_ids)), len(zs_ids) - 1)
+    return PromptPair(
+        icl_ids=torch.tensor(ids), zs_ids=torch.tensor(zs_ids), label_ids=label_ids,
+        target=target, spans=Spans(bos, tuple(t["demo_spans"]), t["query_span"], len(ids) - 1),
+        zs_spans=zs_spans, text=t["text"], zs_text=t["q_text"], labels=labels, task=task.name,
+        query=query, demos=tuple(demo_idx), demo_labels=tuple(demo_labels),
+        candidates=candidates, scoring=scoring,
+        meta={"seed": seed, "shuffle_labels": shuffle_labels, "balanced": balanced,
+              "order": None if order is None else tuple(order)},
+    )
+
+
+def _choose_demos(task: Task, query: int, k: int, rng: random.Random, *,
+                  demos: Sequence[int] | None, order: Sequence[int] | None,
+                  shuffle_labels: bool, balanced: bool, pool: Sequence[int] | None
+                  ) -> tuple[list[int], list[str]]:
+    """The demonstrations (item indices, prompt order) and the labels they are shown with:
+    sampled with ``rng`` (or given), reordered by ``order``, labels permuted with the same
+    ``rng`` where ``shuffle_labels``."""
     if demos is None:
         demo_idx = _sample_demos(task, query, k, rng, balanced, pool)
     else:
@@ -267,7 +303,6 @@ def build_prompt(
             raise PromptError(f"build_prompt(demos=...): the query {query} is among its own demos")
         if any(not 0 <= i < len(task) for i in demo_idx):
             raise PromptError(f"build_prompt(demos=...): indices must lie in 0..{len(task) - 1}")
-        k = len(demo_idx)
     if order is not None:
         if sorted(order) != list(range(len(demo_idx))):
             raise PromptError(
@@ -279,14 +314,18 @@ def build_prompt(
         perm = list(range(len(demo_labels)))
         rng.shuffle(perm)
         demo_labels = [demo_labels[i] for i in perm]
+    return demo_idx, demo_labels
 
+
+def _tokenize(tokenizer: Any, task: Task, query: int, demo_idx: list[int],
+              demo_labels: list[str], prepend_bos: bool) -> dict[str, Any]:
+    """The ICL prompt's tokens piece by piece (BOS, each demonstration's input, label and
+    separator, the query), with the span each piece covers, and its text."""
     head, label_prefix, sep = split_template(task.template)
 
     def tok(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False).input_ids
 
-    if prepend_bos is None:
-        prepend_bos = model_info(model).prepend_bos
     ids: list[int] = []
     bos = None
     if prepend_bos:
@@ -311,29 +350,8 @@ def build_prompt(
     q_ids = tok(q_text)
     query_span = Span(len(ids), len(ids) + len(q_ids))
     ids += q_ids
-    text = "".join(texts) + q_text
-
-    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
-    if n_ctx is not None and len(ids) > n_ctx:
-        raise PromptError(
-            f"build_prompt(task={task.name!r}, k={k}): the ICL prompt has {len(ids)} tokens but "
-            f"the model's context holds {n_ctx}. Fix: use fewer demonstrations (smaller k)"
-        )
-
-    label_ids, target, labels, candidates, scoring = _candidates(tokenizer, task,
-                                                                 task.items[query].y)
-    zs_ids = ([tokenizer.bos_token_id] if prepend_bos else []) + q_ids
-    off = 1 if prepend_bos else 0
-    zs_spans = Spans(bos, (), Span(off, off + len(q_ids)), len(zs_ids) - 1)
-    return PromptPair(
-        icl_ids=torch.tensor(ids), zs_ids=torch.tensor(zs_ids), label_ids=label_ids,
-        target=target, spans=Spans(bos, tuple(demo_spans), query_span, len(ids) - 1),
-        zs_spans=zs_spans, text=text, zs_text=q_text, labels=labels, task=task.name,
-        query=query, demos=tuple(demo_idx), demo_labels=tuple(demo_labels),
-        candidates=candidates, scoring=scoring,
-        meta={"seed": seed, "shuffle_labels": shuffle_labels, "balanced": balanced,
-              "order": None if order is None else tuple(order)},
-    )
+    return {"ids": ids, "q_ids": q_ids, "bos": bos, "demo_spans": demo_spans,
+            "query_span": query_span, "text": "".join(texts) + q_text, "q_text": q_text}
 
 
 def build_prompts(model: Any, task: Task | str, queries: Sequence[int], k: int = 8,

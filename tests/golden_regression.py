@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 import icl_probe as ip
-from icl_probe.selfcheck import stack_versions
+from icl_probe.hooks import stack_versions
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 KEYS = ["task", "method", "lr", "run", "metric", "baseline", "layer", "kind"]

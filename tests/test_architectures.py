@@ -18,8 +18,9 @@ import torch
 import icl_probe as ip
 from conftest import assert_row_equals_alone
 from icl_probe import models
-from icl_probe.architectures import attention_spec
-from icl_probe.gd import _examples, named_parameters, split_projections
+from icl_probe.models import attention_spec
+from icl_probe.gd import named_parameters, split_projections
+from icl_probe.gd.losses import _examples
 from icl_probe.hooks import query_capture_hooks
 
 F64_TOL = 1e-10  # float64 end to end: only summation order differs

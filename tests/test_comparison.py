@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import icl_probe as ip
-from icl_probe import comparison as C
+from icl_probe.compare import metrics as C
+from icl_probe.compare import order_sensitivity_table
 
 TOL = 1e-12
 
@@ -142,12 +143,12 @@ def test_compare_end_to_end_on_the_embedded_model(embedded):
 def test_order_sensitivity_zero_for_full_batch_gd():
     tiny = ip.tiny_model(dtype=torch.float64, seed=8)
     pair = ip.build_prompt(tiny, "capital", query=2, k=3, seed=1)
-    t = C.order_sensitivity_table(tiny, pair, orderings=4, lr=0.05,
+    t = order_sensitivity_table(tiny, pair, orderings=4, lr=0.05,
                                   methods=("batch", ip.FineTuneConfig("dai", lr=0.05), "v:1"))
     got = dict(zip(t.run, t.order_sensitivity))
     assert got["batch"] == 0.0 and got["dai"] > 0 and got["icl"] > 0 and got["dai[v:1]"] > 0
     with pytest.raises(ip.FineTuneError, match="FineTuneConfig takes"):
-        C.order_sensitivity_table(tiny, pair, methods=[dict(method="dai", lrr=1.0)])
+        order_sensitivity_table(tiny, pair, methods=[dict(method="dai", lrr=1.0)])
 
 
 def test_untrained_copies_keep_what_they_say():

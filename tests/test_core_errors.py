@@ -58,7 +58,7 @@ def test_model_space_layers_must_be_traced(tiny64):
     (dict(batch_size=0), r"batch_size=0"),
 ])
 def test_shared_prefix_trace_checks_its_arguments(kwargs, match):
-    from icl_probe.prefix import trace_shared_prefix
+    from icl_probe.hooks import trace_shared_prefix
 
     model = ip.tiny_model(seed=2)
     pairs = ip.build_prompts(model, "capital", range(3), k=3)

@@ -83,12 +83,12 @@ def test_any_malformed_manifest_is_a_corrupt_cache(tmp_path, edit):
     d = tmp_path / "entry"
     d.mkdir()
     (d / "w.bin").write_bytes(b"abc")
-    manifest = {"format": models.CACHE_FORMAT,
-                "files": {"w.bin": {"size": 3, "sha256": models._sha256(d / "w.bin")}}}
-    (d / models._MANIFEST).write_text(json.dumps(manifest))
+    manifest = {"format": models.cache.CACHE_FORMAT,
+                "files": {"w.bin": {"size": 3, "sha256": models.cache._sha256(d / "w.bin")}}}
+    (d / models.cache._MANIFEST).write_text(json.dumps(manifest))
     models.verify_cache(d)  # the intact entry verifies
     edit(manifest)
-    (d / models._MANIFEST).write_text(json.dumps(manifest))
+    (d / models.cache._MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ip.CacheError):
         models.verify_cache(d)
 

@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 
 import icl_probe as ip
-from icl_probe.experiments import (SECTIONS, Config, ExperimentError, load_config, read_results,
-                                   run_experiment, EXPERIMENTS_DIR)
+import torch
+from icl_probe import ExperimentError, run_experiment
+from icl_probe.experiments import EXPERIMENTS_DIR, SECTIONS, Config, load_config, read_results
 
 REDUCED = {
     "icl_vs_gd": dict(tasks=["capital"], k=2, queries=3, dev_queries=2, lrs=[1e-3, 1e-1],
@@ -88,7 +89,7 @@ def test_shipped_configs_parse():
     for path in sorted(EXPERIMENTS_DIR.glob("*.toml")):
         cfg = load_config(path)
         for s in cfg.sections:
-            assert SECTIONS[s][0](cfg.settings(s)), path
+            assert SECTIONS[s].units(cfg.settings(s)), path
     with pytest.raises(ExperimentError, match="does not exist"):
         load_config(EXPERIMENTS_DIR / "nope.toml")
 
@@ -161,7 +162,7 @@ def test_results_of_another_model_are_refused(tiny, tmp_path):
     with pytest.raises(ExperimentError, match=r"another setting \(model: .*--out|delete"):
         run_experiment(cfg, model=other, out=tmp_path / "r", progress=False)
     with pytest.raises(ExperimentError, match="dtype: float32 before, float64 now"):
-        run_experiment(cfg, model=ip.tiny_model(seed=11, dtype=ip.models.torch.float64),
+        run_experiment(cfg, model=ip.tiny_model(seed=11, dtype=torch.float64),
                        out=tmp_path / "r", progress=False)
     import json
     meta = json.loads(next((tmp_path / "r" / "units").iterdir()).joinpath("unit.json").read_text())

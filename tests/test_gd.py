@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import icl_probe as ip
-from icl_probe.gd import _examples, trainable_parameters
+from icl_probe.gd import trainable_parameters
+from icl_probe.gd.losses import _examples
 
 F64_TOL = 1e-12
 

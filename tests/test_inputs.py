@@ -7,9 +7,8 @@ import pandas as pd
 import pytest
 
 import icl_probe as ip
-from icl_probe.config import Config
-from icl_probe.experiments import read_results, run_experiment, task_labels
-from icl_probe.store import unit_id
+from icl_probe import run_experiment
+from icl_probe.experiments import Config, read_results, task_labels, unit_id
 
 
 @pytest.fixture(scope="module")

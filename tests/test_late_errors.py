@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import icl_probe as ip
-from icl_probe import experiments, models, store
-from icl_probe.config import Config
-from icl_probe.experiments import check_inputs, finished_units, run_experiment
-from icl_probe.launch import launch
+from icl_probe import models, run_experiment
+from icl_probe.experiments import Config, check_inputs, finished_units, runner, store
+from icl_probe.models import sizing
+from icl_probe.report import rebuild_report
+from icl_probe.runs import launch
 
 
 @pytest.fixture()
@@ -21,7 +22,7 @@ def no_model_loads(monkeypatch):
     """Any weight load fails the test: the errors below must come before one."""
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the error")
-    monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.setattr(runner, "load_model", refuse)
 
 
 def _cfg(section, **settings):
@@ -103,14 +104,14 @@ def test_out_on_an_existing_file_is_refused(tmp_path):
     f = tmp_path / "a-file"
     f.write_text("x")
     with pytest.raises(ip.ExperimentError, match="existing file"):
-        experiments.output_dir(_cfg("real_heads"), f)
+        runner.output_dir(_cfg("real_heads"), f)
 
 
 def test_an_unwritable_out_is_refused(tmp_path, monkeypatch):
     # the suite runs as root, which ignores permissions: the check's answer is simulated
-    monkeypatch.setattr(experiments.os, "access", lambda *a: False)
+    monkeypatch.setattr(runner.os, "access", lambda *a: False)
     with pytest.raises(ip.ExperimentError, match="not writable"):
-        experiments.output_dir(_cfg("real_heads"), tmp_path / "new")
+        runner.output_dir(_cfg("real_heads"), tmp_path / "new")
 
 
 def test_a_garbage_completion_marker_blocks_neither_run_nor_report(tmp_path):
@@ -122,7 +123,7 @@ def test_a_garbage_completion_marker_blocks_neither_run_nor_report(tmp_path):
     (bad / "COMPLETE").write_bytes(b"\xff\xfe\x00garbage\x80")
     assert bad not in finished_units(out)
     run_experiment(cfg, model=tiny, out=out, progress=False)
-    assert experiments.rebuild_report(out).is_file()
+    assert rebuild_report(out).is_file()
 
 
 def test_a_full_disk_is_a_clear_error_and_leaves_no_temporary_file(tmp_path, monkeypatch):
@@ -199,17 +200,15 @@ def test_a_rising_loss_is_flagged_on_few_step_runs():
 
 
 def test_the_memory_check_is_not_switched_off_by_a_bug(monkeypatch):
-    from icl_probe import plan
-
     def bug(spec):
         raise AttributeError("a bug in sizing")
 
-    monkeypatch.setattr(plan, "model_shape", bug)
+    monkeypatch.setattr(sizing, "model_shape", bug)
     with pytest.raises(AttributeError):
-        plan.check_memory(None)
+        sizing.check_memory(None)
 
     def unreadable(spec):
         raise ip.ModelLoadError("no config")
 
-    monkeypatch.setattr(plan, "model_shape", unreadable)
-    plan.check_memory(None)  # the loader reports an unreadable config itself
+    monkeypatch.setattr(sizing, "model_shape", unreadable)
+    sizing.check_memory(None)  # the loader reports an unreadable config itself

@@ -17,11 +17,10 @@ import pandas as pd
 import pytest
 
 import icl_probe as ip
-from icl_probe import models
-from icl_probe.config import Config
-from icl_probe.experiments import (experiment_units, finished_units, model_specs, read_results,
-                                   run_experiment, shard_units, unit_id)
-from icl_probe.launch import launch
+from icl_probe import models, run_experiment
+from icl_probe.experiments import (Config, experiment_units, finished_units, model_specs,
+                                   read_results, shard_units)
+from icl_probe.runs import launch
 
 
 
@@ -124,22 +123,21 @@ def test_two_models_with_one_key_are_refused(model_dirs, tmp_path):
 def test_shards_are_deterministic_disjoint_covering_and_keep_groups_whole(model_dirs, n):
     cfg = _config(model_dirs, icl_vs_gd=dict(seeds=[0, 1], methods=["dai", "lcgd"]))
     units = experiment_units(cfg, model_specs(cfg))
-    ids = [unit_id(s, u) for s, u in units]
-    shards = [[unit_id(s, u) for s, u in shard_units(units, i, n)] for i in range(1, n + 1)]
-    assert shards == [[unit_id(s, u) for s, u in shard_units(units, i, n)]
+    ids = [u.id for u in units]
+    shards = [[u.id for u in shard_units(units, i, n)] for i in range(1, n + 1)]
+    assert shards == [[u.id for u in shard_units(units, i, n)]
                       for i in range(1, n + 1)]  # deterministic
     flat = [u for s in shards for u in s]
     assert sorted(flat) == sorted(ids) and len(flat) == len(set(flat))  # disjoint, covering
     owner = {uid: i for i, s in enumerate(shards) for uid in s}
-    for s, u in units:
-        if s == "icl_vs_gd":  # a baseline unit sits with the sweep that selects its rate
-            sweep = [unit_id(s, v) for t, v in units if t == s and v["stage"] == "sweep"
-                     and (v["model"], v["task"], v["method"]) == (u["model"], u["task"],
-                                                                  u["method"])]
-            assert {owner[x] for x in sweep} == {owner[unit_id(s, u)]}
+    for u in units:
+        if u.section == "icl_vs_gd":  # a baseline unit sits with the sweep that selects its rate
+            sweep = [v.id for v in units if v.section == u.section and v.stage == "sweep"
+                     and (v.model, v.task, v.method) == (u.model, u.task, u.method)]
+            assert {owner[x] for x in sweep} == {owner[u.id]}
     sizes = sorted(len(s) for s in shards)
-    groups = len({(u["model"], u["task"], u["method"]) if s == "icl_vs_gd" else unit_id(s, u)
-                  for s, u in units})
+    groups = len({(u.model, u.task, u.method) if u.section == "icl_vs_gd" else u.id
+                  for u in units})
     if n <= groups:
         assert sizes[-1] - sizes[0] <= 8  # balanced to within one icl_vs_gd group
 
@@ -189,9 +187,9 @@ KILLER = """
 import os, signal, sys
 import torch
 torch.set_num_threads(1)  # as the other runs here (one_thread)
-import icl_probe.store as store
-from icl_probe.config import Config
-from icl_probe.experiments import run_experiment
+import icl_probe.experiments.store as store
+from icl_probe import run_experiment
+from icl_probe.experiments import Config
 import json
 
 calls = []
@@ -207,8 +205,8 @@ def write_then_die(root, uid, tables, meta):
         os.kill(os.getpid(), signal.SIGKILL)
     real(root, uid, tables, meta)
 
-import icl_probe.experiments as ex
-ex.write_unit = write_then_die
+import icl_probe.experiments.runner as runner
+runner.write_unit = write_then_die
 cfg = Config.from_dict(json.loads(sys.argv[1]), "multi")
 run_experiment(cfg, out=sys.argv[2], shard=(1, 2), progress=False)
 """
@@ -308,7 +306,7 @@ def test_plan_of_a_llama_7b_config_reports_its_parameter_count(tmp_path, capsys)
     assert time.perf_counter() - t0 < 60  # no weights: the meta device
     m = p["models"][0]
     assert abs(m["n_params"] - 6.74e9) / 6.74e9 < 0.10  # the published 6.74 B
-    from icl_probe.protocol import BASELINES
+    from icl_probe.compare import BASELINES
 
     # bf16 weights, plus a copy for each random-weight baseline model (untrained, embeddings)
     assert m["weights_gb"] == pytest.approx(m["n_params"] * 2 / 1e9 * 3)
@@ -318,7 +316,8 @@ def test_plan_of_a_llama_7b_config_reports_its_parameter_count(tmp_path, capsys)
 
 def test_record_bytes_is_the_size_of_a_real_record():
     from icl_probe.hooks import QUANTITIES
-    from icl_probe.plan import ModelShape, record_bytes
+    from icl_probe.experiments import record_bytes
+    from icl_probe.models import ModelShape
 
     # every size distinct, so that a swapped axis in the formula cannot pass
     model = ip.tiny_model(n_layers=3, d_model=40, n_heads=4, n_key_value_heads=2, d_head=6,
@@ -336,15 +335,16 @@ def test_record_bytes_is_the_size_of_a_real_record():
 
 
 def test_a_model_that_cannot_fit_fails_before_loading(model_dirs, monkeypatch):
-    import icl_probe.plan as plan
+    import icl_probe.models.load as load
+    import icl_probe.models.sizing as sizing
 
-    monkeypatch.setattr(plan, "available_memory", lambda *a, **k: (10_000, "test RAM"))
-    monkeypatch.setattr(models, "_from_hf_directory",
+    monkeypatch.setattr(sizing, "available_memory", lambda *a, **k: (10_000, "test RAM"))
+    monkeypatch.setattr(load, "_from_hf_directory",
                         lambda *a, **k: pytest.fail("weights loaded despite the check"))
     with pytest.raises(ip.ModelLoadError, match=r"need about .* but test RAM has .* Fixes: "
                                                 r"dtype='bf16'.*device_map='auto'"):
         ip.load_model(model_dirs[0])
-    monkeypatch.setenv(plan.SKIP_ENV, "1")
+    monkeypatch.setenv(sizing.SKIP_ENV, "1")
     with pytest.raises(pytest.fail.Exception):
         ip.load_model(model_dirs[0])  # the check skipped: the (patched) load runs
 
@@ -352,7 +352,7 @@ def test_a_model_that_cannot_fit_fails_before_loading(model_dirs, monkeypatch):
 def test_ctrl_c_while_local_jobs_run_cancels_them(model_dirs, tmp_path, monkeypatch):
     import time
 
-    import icl_probe.launch as launch_mod
+    import icl_probe.experiments.launch as launch_mod
 
     seen = []
 

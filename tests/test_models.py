@@ -18,7 +18,7 @@ def test_embedded_model_shape_and_source(embedded):
     cfg = embedded.cfg
     assert (cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head) == (30, 9, 3, 64)
     info = embedded.icl_probe_info
-    assert info.source == "embedded" and info.path.endswith(models.EMBEDDED_FILE)
+    assert info.source == "embedded" and info.path.endswith(models.cache.EMBEDDED_FILE)
     # SmolLM2's tokenizer adds no BOS itself, but prompts start with it: a sink of its own
     assert info.prepend_bos is True and embedded.tokenizer.bos_token_id is not None
     entry = models.cached_gguf_dir()  # the entry the fixture loaded from
@@ -89,7 +89,7 @@ def test_corrupt_or_partial_cache_is_rebuilt(tmp_path, monkeypatch, embedded, da
         rebuilt.append(target)
         shutil.rmtree(target)
         shutil.copytree(src, target)
-    monkeypatch.setattr(models, "_write_cache", fake_write)
+    monkeypatch.setattr(models.cache, "_write_cache", fake_write)
     with pytest.warns(UserWarning, match="rebuilding"):
         out = models.cached_gguf_dir()
     assert rebuilt == [dst] and out == dst

@@ -9,7 +9,8 @@ import torch
 import icl_probe as ip
 from conftest import TINY_FUSED, TINY_LLAMA
 from icl_probe.hooks import group_mapping
-from icl_probe.probes import _linear_attention, mlp_first_layers
+from icl_probe.probes import mlp_first_layers
+from icl_probe.probes.updates import _linear_attention
 
 F64_TOL = 1e-10  # float64 on tiny models
 F32_TOL = 1e-5  # float32 on the embedded model (docs/science.md, Rank-1 MLP update)

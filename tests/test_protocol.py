@@ -10,10 +10,9 @@ import pytest
 import torch
 
 import icl_probe as ip
-from icl_probe import comparison as C
-from icl_probe import protocol as P
-from icl_probe import stats
-from icl_probe.prefix import shared_prefix_length, trace_shared_prefix
+from icl_probe.compare import metrics as C
+from icl_probe.compare import protocol, queries, stats, summary
+from icl_probe.hooks import shared_prefix_length, trace_shared_prefix
 
 # float64 tiny model: the bridge still takes softmaxes and rotary phases in float32 for some
 # steps, so exact paths agree to ~1e-15 and the documented bound is 1e-10.
@@ -31,7 +30,7 @@ def tiny():
 
 def _pairs(model, task="capital", k=4, n=5, seed=0):
     t = ip.load_task(task)
-    demos = P.demonstrations(t, k, seed)
+    demos = queries.demonstrations(t, k, seed)
     return [ip.build_prompt(model, t, q, demos=demos) for q in t.split("test")[:n]]
 
 
@@ -58,9 +57,9 @@ def test_shared_demonstrations_are_one_set_per_seed_disjoint_from_queries(tiny, 
         calls.append(a[1])
         return real(*a, **kw)
 
-    monkeypatch.setattr(ip.gd, "finetune", counting)
-    t = P.Comparison(tiny, "capital", k=3, queries=4, dev_queries=3)
-    cfg = P.FineTuneConfig(lr=1e-2)
+    monkeypatch.setattr(protocol, "finetune", counting)
+    t = protocol.Comparison(tiny, "capital", k=3, queries=4, dev_queries=3)
+    cfg = ip.FineTuneConfig(lr=1e-2)
     for seed in (0, 1):
         out = t.run(cfg, seed, "model", ("test", "dev"))
         pairs = t.pairs("model", seed, "test") + t.pairs("model", seed, "dev")
@@ -81,9 +80,9 @@ def test_shared_demonstrations_are_one_set_per_seed_disjoint_from_queries(tiny, 
 def test_per_query_protocol_fine_tunes_each_query(tiny, monkeypatch):
     calls = []
     real = ip.gd.finetune
-    monkeypatch.setattr(ip.gd, "finetune", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    c = P.Comparison(tiny, "capital", k=2, queries=3, protocol="per_query")
-    out = c.run(P.FineTuneConfig(lr=1e-2), 0)
+    monkeypatch.setattr(protocol, "finetune", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    c = protocol.Comparison(tiny, "capital", k=2, queries=3, protocol="per_query")
+    out = c.run(ip.FineTuneConfig(lr=1e-2), 0)
     assert len(calls) == 3 and len(out["finetune"]) == 3
     assert len({p.demos for p in c.pairs("model", 0, "test")}) == 3
 
@@ -118,7 +117,7 @@ def test_the_rate_is_selected_per_task_and_method_on_dev_accuracy():
     # ties in accuracy go to the higher gold log-probability
     rows += [{"task": "c", "method": "dai", "lr": lr, "seed": 0, "dev_ft_acc": 0.7,
               "dev_gold_logprob": lp, "diverged": False} for lr, lp in ((0.01, -2.0), (0.1, -1.0))]
-    chosen = P.select_lr(pd.DataFrame(rows))
+    chosen = summary.select_lr(pd.DataFrame(rows))
     assert chosen == {("a", "dai"): 0.1, ("b", "dai"): 0.01, ("c", "dai"): 0.1}
 
 
@@ -250,7 +249,7 @@ def test_simaou_uniform_random_against_an_explicit_reference():
 
 def test_label_position_reads_one_token_later(tiny):
     pair = _pairs(tiny, n=1)[0]
-    lab = P._at_label(pair)
+    lab = queries._at_label(pair)
     assert lab.spans.pred == pair.spans.pred + 1 == len(lab.icl_ids) - 1
     assert int(lab.icl_ids[-1]) == int(pair.label_ids[0]) == int(lab.zs_ids[-1])
     t = ip.compare(tiny, "capital", k=2, queries=3, gd=ip.FineTuneConfig(lr=1e-2),
@@ -314,7 +313,7 @@ def test_a_collapsed_fine_tune_is_detected_excluded_and_never_selected(tiny, mon
             ft.model = ip.gd.FineTunedModel(model, ft.deltas)
         return ft
 
-    monkeypatch.setattr(ip.gd, "finetune", collapsing)
+    monkeypatch.setattr(protocol, "finetune", collapsing)
     t = ip.compare(tiny, "capital", k=2, queries=4, dev_queries=3, gd=ip.FineTuneConfig(lr=1e-2),
                    lrs=[1e-2, 0.1], baselines=(), progress=False)
     bad = t.per_query[t.per_query.lr == 0.1]

@@ -92,8 +92,8 @@ SCRIPT = "<script>alert(1)</script>"
 
 
 def test_the_report_escapes_every_piece_of_user_text(tmp_path):
-    from icl_probe.config import Config
-    from icl_probe.experiments import run_experiment
+    from icl_probe import run_experiment
+    from icl_probe.experiments import Config
 
     # a task whose name, labels and items carry markup, byte-tokenizer friendly (labels whose
     # first bytes differ)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import icl_probe as ip
-from icl_probe.scoring import answer_logprobs, predictions
+from icl_probe.hooks import answer_logprobs, predictions
 
 # float64 tiny model; the cache path and the full forward differ only by summation order
 F64_TOL = 1e-10

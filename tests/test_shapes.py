@@ -18,6 +18,7 @@ from jaxtyping import Float
 
 import icl_probe as ip
 from icl_probe import hooks
+from icl_probe.hooks import tracing
 
 N_PROMPTS = 5
 
@@ -87,7 +88,7 @@ def check_shapes(tensors, sizes):
 def _quantity_table():
     """{quantity: shape per layer} from the table in icl_probe.hooks' module docstring."""
     rows = {}
-    for line in hooks.__doc__.splitlines():
+    for line in tracing.__doc__.splitlines():
         parts = re.split(r"\s{2,}", line.strip())
         if len(parts) >= 3 and parts[0] in hooks.QUANTITIES:
             rows[parts[0]] = parts[-1]

@@ -11,13 +11,16 @@ import torch
 from transformers import DynamicCache
 
 import icl_probe as ip
-from icl_probe import cli, comparison, selfcheck
+from icl_probe import cli
+from icl_probe.compare import metrics as comparison
+from icl_probe.hooks import selfcheck
 from icl_probe.doctor import last_verdict, run_doctor
-from icl_probe.experiments import _provenance_mismatch, provenance
-from icl_probe.prefix import trace_shared_prefix
-from icl_probe.protocol import compact_table
+from icl_probe.experiments.provenance import provenance
+from icl_probe.experiments.provenance import provenance_mismatch as _provenance_mismatch
+from icl_probe.hooks import trace_shared_prefix
+from icl_probe.compare import compact_table
 from icl_probe.report import ANCHORS
-from icl_probe.scoring import answer_logprobs
+from icl_probe.hooks import answer_logprobs
 
 import golden_regression as golden
 

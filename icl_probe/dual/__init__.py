@@ -5,9 +5,9 @@ Von Oswald et al. 2023 ("Transformers learn in-context by gradient descent") sho
 linear self-attention (LSA) layer with hand-built weights makes exactly one GD step on a
 regression loss over its context, and that trained LSAs find that solution; Akyürek et al.
 2022 probe trained transformers for the quantities a learner would compute. This subpackage
-reproduces both on synthetic tasks, then puts the construction beside real heads::
+reproduces both on synthetic tasks, then puts the construction beside real heads (with
+``dual = icl_probe.dual``)::
 
-    from icl_probe import dual
     # the anchor's line search
     lr, loss = dual.best_one_step_lr(d_x=10, n=10, n_tasks=10_000, seed=0)
     lsa = dual.gd_lsa(d_x=10, d_y=1, lr=lr, n=10)   # the one-step-GD construction

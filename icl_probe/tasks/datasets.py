@@ -28,7 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import datasets
+
 from ..errors import TaskFileError
+from .task import Item, Task
 
 DOC = "docs/datasets.md"
 
@@ -359,10 +362,6 @@ def _check_saved_directory(path: Path) -> None:
 
 
 def _load_datasets_copy(name: str, spec: AnchorSpec, path: Path | None, split: str) -> Any:
-    try:
-        import datasets
-    except ImportError as e:  # pragma: no cover - datasets comes with transformer-lens
-        raise TaskFileError("reading a datasets copy needs `pip install datasets`") from e
     if path is not None:
         _check_saved_directory(path)
         try:
@@ -416,8 +415,6 @@ def load_anchor_dataset(name: str, path: str | Path | None = None, *, split: str
     labelled -1 (unlabelled test splits) and repeated or empty texts are skipped; ``limit``
     keeps the first ``limit`` items. Accepted forms: ``docs/datasets.md``.
     """
-    from . import Item, Task
-
     key = name.lower().replace("-", "").replace("_", "")
     if key not in ANCHOR_DATASETS:
         raise TaskFileError(

@@ -1,0 +1,225 @@
+"""Every per-query, per-layer and per-head metric of one fine-tune setting against the shared
+zero-shot and ICL runs, with the in-run baselines beside each."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..gd import FineTuneConfig, is_collapsed
+from ..hooks import predictions, trace
+from ..prompts import PromptPair
+from . import metrics as M
+from .queries import _strip_label
+from .references import _kv_operator, _logits, _Refs
+from .vocabulary import ZS_BATCH, ZS_WHAT
+
+
+def _kendall_positions(pair: PromptPair, loss_tokens: str) -> tuple[torch.Tensor, list[int]]:
+    """ICL positions of the demonstration tokens the FT examples hold (input and label; the
+    separator too with ``loss_tokens="demo+sep"``), and each demonstration's count."""
+    pos, lens = [], []
+    for d in pair.spans.demos:
+        stop = d.sep.stop if loss_tokens == "demo+sep" else d.label.stop
+        pos.append(torch.arange(d.input.start, stop))
+        lens.append(stop - d.input.start)
+    return torch.cat(pos), lens
+
+
+def _scale(rec: Any, li: int) -> float:
+    """The factor the model multiplies q·k by in the record's ``li``-th layer."""
+    s = rec.__dict__.get("scale")
+    if s is None:
+        return rec.d_head ** -0.5
+    s = torch.as_tensor(s).flatten()
+    return float(s[li] if s.numel() > 1 else s[0])
+
+
+def _evaluate(model: Any, refs: _Refs, fts: list[Any], cfg: FineTuneConfig, *, gen: torch.Generator,
+              keys: dict, position: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """Every per-query, per-layer and per-head metric of one FT setting against the shared
+    ZS/ICL runs. ``fts``: one fine-tune (shared protocol) or one per query. The random
+    baselines are drawn from ``gen`` in a fixed order (query by query: output, attention and
+    weight directions, then Kendall's per layer), so a run is reproducible."""
+    pairs = refs.pairs
+    ft_of = _ft_runs(pairs, fts)
+    ft_logits_all, ft_pred = _ft_predictions(pairs, fts, ft_of, position)
+    rows_q, rows_l, rows_h = [], [], []
+    for b, pair in enumerate(pairs):
+        ft, ftr, i = ft_of[b]
+        row = _query_row(keys, refs, b, ft, ft_logits_all[b], ft_pred[b])
+        rows_q.append(row)
+        collapsed = row["ft_collapsed"]
+        per_layer = _layer_similarities(refs, b, ftr, i, gen)
+        ken = _kendall_rows(refs, b, ft, ftr, i, cfg, gen, collapsed)
+        icl = refs.icl
+        for li, l in enumerate(icl.layers):
+            rows_l.append({**keys, "query": pair.query, "layer": l,
+                           **{name: float(x[li]) for name, x in per_layer["scalars"].items()},
+                           **ken[li], "weight_cos": float(per_layer["w_cos"][li].mean()),
+                           "weight_cos|random_update": float(per_layer["w_rand"][li].mean()),
+                           "ft_diverged": ft.diverged or collapsed})
+            for h, g in enumerate(icl.kv_head_of.tolist()):
+                rows_h.append({**keys, "query": pair.query, "layer": l, "head": h, "kv_head": g,
+                               "weight_cos": float(per_layer["w_cos"][li, g]),
+                               "weight_cos|random_update": float(per_layer["w_rand"][li, g]),
+                               "ft_diverged": ft.diverged or collapsed})
+    return rows_q, rows_l, rows_h
+
+
+def _ft_runs(pairs: list[PromptPair], fts: list[Any]) -> list[tuple[Any, Any, int]]:
+    """Per query: its fine-tune, the trace of the fine-tuned model on its ZS prompt, and its
+    row in that trace."""
+    if len(fts) == 1:
+        ftr = trace(fts[0].model, pairs, kind="zs", what=ZS_WHAT, batch_size=ZS_BATCH)
+        return [(fts[0], ftr, b) for b in range(len(pairs))]
+    return [(ft, trace(ft.model, [pairs[b]], kind="zs", what=ZS_WHAT), 0)
+            for b, ft in enumerate(fts)]
+
+
+def _ft_predictions(pairs: list[PromptPair], fts: list[Any], ft_of: list,
+                    position: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FT runs' logits at the prediction position, and the candidate each predicts."""
+    base_pairs = pairs if position == "pred" else [_strip_label(p) for p in pairs]
+    if position == "pred":
+        ft_logits_all = torch.stack([ftr.logits[i] for _, ftr, i in ft_of])
+    else:
+        ft_logits_all = torch.stack([_logits(ft.model, [p], "zs")[0]
+                                     for (ft, _, _), p in zip(ft_of, base_pairs)])
+    if len(fts) == 1:
+        ft_pred = predictions(fts[0].model, base_pairs, "zs", ft_logits_all)
+    else:
+        ft_pred = torch.cat([predictions(ft.model, [p], "zs", ft_logits_all[b: b + 1])
+                             for b, ((ft, _, _), p) in enumerate(zip(ft_of, base_pairs))])
+    return ft_logits_all, ft_pred
+
+
+def _ft_fields(pair: PromptPair, ft: Any, logits: torch.Tensor, pick: Any) -> dict:
+    """A query's fine-tuned run, as every per-query row reports it (test and dev queries)."""
+    lg = logits.double()
+    collapsed = is_collapsed(lg)
+    return {"ft_correct": int(pick) == pair.target,
+            "ft_gold_logprob": float(torch.log_softmax(lg, -1)[pair.target_id]),
+            "ft_collapsed": collapsed, "ft_diverged": ft.diverged or collapsed,
+            "divergence": ft.divergence or ("collapsed output" if collapsed else "")}
+
+
+def _query_row(keys: dict, refs: _Refs, b: int, ft: Any, ft_logits: torch.Tensor,
+               ft_pick: Any) -> dict:
+    """One test query: ZS/ICL/FT correctness (by the prompt's scoring, and by the vocabulary's
+    argmax), and the output-distribution metrics of ICL against FT."""
+    pair = refs.pairs[b]
+    correct, probs = {}, {}
+    for name, logits, pick in (("zs", refs.pred_logits["zs"][b], refs.predicted["zs"][b]),
+                               ("icl", refs.pred_logits["icl"][b], refs.predicted["icl"][b]),
+                               ("ft", ft_logits, ft_pick)):
+        logits = logits.double()
+        probs[name] = torch.softmax(logits, -1)
+        correct[name] = int(pick) == pair.target
+        correct[name + "_vocab"] = int(logits.argmax()) == pair.target_id
+    return {**keys, "query": pair.query,
+            "demos": " ".join(map(str, pair.demos)),  # item indices, prompt order
+            "scoring": pair.scoring,
+            "zs_correct": correct["zs"], "icl_correct": correct["icl"],
+            "ft_correct": None, "zs_vocab_correct": correct["zs_vocab"],
+            "icl_vocab_correct": correct["icl_vocab"],
+            "ft_vocab_correct": correct["ft_vocab"], **_ft_fields(pair, ft, ft_logits, ft_pick),
+            "ft_final_loss": ft.losses[-1] if ft.losses else float("nan"),
+            "top10_overlap": M.top_overlap(probs["icl"], probs["ft"]),
+            "overlap_cosine": M.overlap_cosine(probs["icl"], probs["ft"]),
+            "kl_icl_ft": M.kl(probs["icl"], probs["ft"])}
+
+
+def _layer_similarities(refs: _Refs, b: int, ftr: Any, i: int, gen: torch.Generator
+                        ) -> dict[str, Any]:
+    """Per layer for query ``b``: SimAOU (normalised or not) and SimAM with their in-run
+    baselines, and the weight-space cosine per kv head with its random baseline."""
+    pair, zs, icl = refs.pairs[b], refs.zs, refs.icl
+    h_zs, h_icl = zs.at_pred("attn_out")[:, b].double(), icl.at_pred("attn_out")[:, b].double()
+    h_ft = ftr.at_pred("attn_out")[:, i].double()
+    aou = {n: M.simaou(h_zs, h_icl, h_ft, normalize=n) for n in (True, False)}
+    rand_dir = torch.randn(h_ft.shape, generator=gen, dtype=torch.float64)
+    r_uniform = torch.rand(h_ft.shape, generator=gen, dtype=torch.float64)
+    aou_rand = {n: M._cos(_update(h_zs, h_icl, n), rand_dir) for n in (True, False)}
+    aou_unif = {n: M.simaou_uniform_random(h_zs, h_icl, r_uniform, normalize=n)
+                for n in (True, False)}
+    q_icl = pair.spans.query.indices()  # the query's tokens (no BOS), in both prompts
+    q_zs = pair.zs_spans.query.indices()
+    m_icl = icl.at_pred("scores")[:, b][..., q_icl].double()  # layer head query_tok
+    m_zs = zs.at_pred("scores")[:, b][..., q_zs].double()
+    m_ft = ftr.at_pred("scores")[:, i][..., q_zs].double()
+    sam = M.simam(m_zs, m_icl, m_ft)
+    sam_rand = M._cos(m_icl - m_zs, torch.randn(m_ft.shape, generator=gen,
+                                                dtype=torch.float64)).mean(-1)
+    zs_all = torch.arange(len(pair.zs_ids))
+    n_zs = len(pair.zs_ids)
+    dM_gd = (_kv_operator(ftr.data["k"][:, i, :n_zs], ftr.data["v"][:, i, :n_zs])
+             - _kv_operator(zs.data["k"][:, b, zs_all], zs.data["v"][:, b, zs_all]))
+    dM_icl = refs.dM_icl[b]
+    w_cos = M._cos(dM_icl.flatten(-2), dM_gd.flatten(-2))  # layer kv_head
+    w_rand = M._cos(dM_icl.flatten(-2), torch.randn(dM_gd.flatten(-2).shape, generator=gen,
+                                                    dtype=torch.float64))
+    scalars = {"SimAOU_norm": aou[True], "SimAOU": aou[False],
+               "SimAOU_norm|random_update": aou_rand[True],
+               "SimAOU|random_update": aou_rand[False],
+               "SimAOU_norm|uniform_random": aou_unif[True],
+               "SimAOU|uniform_random": aou_unif[False],
+               "SimAM_before": sam["before"], "SimAM_after": sam["after"],
+               "SimAM_after|SimAM_before": sam["before"], "SimAM_delta": sam["delta"],
+               "SimAM_delta|random_update": sam_rand}
+    return {"scalars": scalars, "w_cos": w_cos, "w_rand": w_rand}
+
+
+def _kendall_rows(refs: _Refs, b: int, ft: Any, ftr: Any, i: int, cfg: FineTuneConfig,
+                  gen: torch.Generator, collapsed: bool) -> list[dict[str, float]]:
+    """Per layer: Kendall's tau between ICL's attention to the demonstration tokens and the
+    fine-tune's (token and example level) with their uniform-random baselines; NaN where the
+    fine-tune recorded no queries or diverged."""
+    pair, icl = refs.pairs[b], refs.icl
+    icl_s = icl.at_pred("scores")
+    q_ft = ftr.at_pred("q")[:, i]  # layer head d_head
+    use_ken = bool(ft.step_queries) and not (ft.diverged or collapsed)
+    if use_ken:
+        ken_pos, demo_lens = _kendall_positions(pair, cfg.loss_tokens)
+        off = 1 if pair.spans.bos is not None else 0
+    out = []
+    for li in range(len(icl.layers)):
+        ken = ken_ex = ken_rand = ken_ex_rand = float("nan")
+        if use_ken:
+            q_steps = torch.cat([qs[li, off:] for qs in ft.step_queries[: pair.k]])
+            s_demo = icl_s[li, b][:, ken_pos]
+            sc = _scale(icl, li)
+            ken = M.kendall_icl_ft(s_demo, q_steps, q_ft[li], scale=sc)
+            ken_ex = M.kendall_icl_ft(s_demo, q_steps, q_ft[li], scale=sc, level="example",
+                                      demo_lengths=demo_lens)
+            icl_w = torch.softmax(s_demo.double().sum(0), -1)
+            ken_rand = M.kendall_tau(icl_w, torch.rand(icl_w.shape, generator=gen,
+                                                       dtype=torch.float64))
+            ex_w = torch.stack([w.sum() for w in icl_w.split(demo_lens)])
+            ken_ex_rand = M.kendall_tau(ex_w, torch.rand(ex_w.shape, generator=gen,
+                                                         dtype=torch.float64))
+        out.append({"Kendall": ken, "Kendall|uniform_random": ken_rand,
+                    "Kendall_example": ken_ex, "Kendall_example|uniform_random": ken_ex_rand})
+    return out
+
+
+def _update(h_zs: torch.Tensor, h_icl: torch.Tensor, normalize: bool) -> torch.Tensor:
+    if normalize:
+        h_zs, h_icl = (h / h.norm(dim=-1, keepdim=True) for h in (h_zs, h_icl))
+    return h_icl - h_zs
+
+
+def _dev_rows(pairs: list[PromptPair], fts: list[Any], keys: dict) -> list[dict]:
+    """FT correctness and gold log-probability of held-out queries (ZS prompts)."""
+    if len(fts) == 1:
+        logits = _logits(fts[0].model, pairs, "zs")
+        per = [(fts[0], logits[b]) for b in range(len(pairs))]
+        picks = predictions(fts[0].model, pairs, "zs", logits)
+    else:
+        per = [(ft, _logits(ft.model, [p], "zs")[0]) for ft, p in zip(fts, pairs)]
+        picks = torch.cat([predictions(ft.model, [p], "zs", lg[None]) for (ft, lg), p in
+                           zip(per, pairs)])
+    return [{**keys, "query": pair.query, "demos": " ".join(map(str, pair.demos)),
+             "scoring": pair.scoring, **_ft_fields(pair, ft, lg, pick)}
+            for pair, (ft, lg), pick in zip(pairs, per, picks)]

@@ -1,0 +1,184 @@
+"""ICL against real gradient descent: the field's metrics (docs/science.md, "Comparison
+metrics") and Shen et al.'s order sensitivity (the random-weight baseline models are
+:func:`icl_probe.models.untrained_copy`).
+
+Three runs per query: **ZS** (base model, ZS prompt), **ICL** (base model, ICL prompt) and
+**FT** (the fine-tuned model of :func:`icl_probe.finetune`, ZS prompt). The metric functions
+below are pure (tensors in, numbers out) and are tested against slow references;
+:func:`icl_probe.compare` (in :mod:`icl_probe.compare.protocol`) drives the runs over many queries.
+
+>>> import torch
+>>> from icl_probe.compare import metrics as C
+>>> C.rec2ftp(zs=[0, 0, 1, 0], icl=[1, 0, 1, 1], ft=[1, 1, 1, 0])   # |{0}| / |{0, 1}|
+50.0
+>>> round(C.kendall_tau(torch.tensor([1., 2, 3, 4]), torch.tensor([1., 3, 2, 4])), 4)
+0.6667
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import einops
+import torch
+from scipy.stats import kendalltau
+
+from ..errors import IclProbeError
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine along the last axis, in float64; 0 where either vector is 0."""
+    a, b = a.double(), b.double()
+    den = a.norm(dim=-1) * b.norm(dim=-1)
+    return torch.where(den > 0, (a * b).sum(-1) / den.clamp_min(1e-300), torch.zeros_like(den))
+
+
+def rec2ftp(zs: Sequence[bool], icl: Sequence[bool], ft: Sequence[bool]) -> float:
+    """Dai et al.'s Rec2FTP = |(C_FT \\ C_ZS) ∩ (C_ICL \\ C_ZS)| / |C_FT \\ C_ZS| × 100 (%).
+
+    The denominator is |C_FT \\ C_ZS| (dividing by |C_FT \\ C_ICL|, as one public
+    reimplementation does, is a bug). NaN when fine-tuning fixes no zero-shot error."""
+    zs, icl, ft = (torch.as_tensor(x, dtype=torch.bool) for x in (zs, icl, ft))
+    ft_gain = ft & ~zs
+    if int(ft_gain.sum()) == 0:
+        return float("nan")
+    return float((ft_gain & icl & ~zs).sum()) / float(ft_gain.sum()) * 100.0
+
+
+def simaou(h_zs: torch.Tensor, h_icl: torch.Tensor, h_ft: torch.Tensor,
+           normalize: bool) -> torch.Tensor:
+    """SimAOU per layer: cos(h_ICL − h_ZS, h_FT − h_ZS), h = attention output at p
+    (layer d_model). Dai et al. normalise each h to unit norm first (``normalize=True``);
+    Deutch et al. show that inflates it and report the unnormalised form too."""
+    if normalize:
+        h_zs, h_icl, h_ft = (h / h.norm(dim=-1, keepdim=True) for h in (h_zs, h_icl, h_ft))
+    return _cos(h_icl - h_zs, h_ft - h_zs)
+
+
+def simam(m_zs: torch.Tensor, m_icl: torch.Tensor, m_ft: torch.Tensor) -> dict[str, torch.Tensor]:
+    """SimAM per layer from the pre-softmax scores of p to the query's tokens (layer head
+    query_tok): ``before`` = cos(m_ICL, m_ZS), ``after`` = cos(m_ICL, m_FT) (Dai), and
+    ``delta`` = cos(m_ICL − m_ZS, m_FT − m_ZS) (Deutch), each averaged over heads."""
+    return {
+        "before": _cos(m_icl, m_zs).mean(-1),
+        "after": _cos(m_icl, m_ft).mean(-1),
+        "delta": _cos(m_icl - m_zs, m_ft - m_zs).mean(-1),
+    }
+
+
+def kendall_tau(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Kendall's τ-b between two weightings of the same items (ties handled): pair counting
+    on the sign matrices for up to :data:`KENDALL_DIRECT_MAX` items (exact, fast for the
+    demonstration-token counts the comparison sees), SciPy's O(n log n) routine beyond. NaN
+    when either weighting is constant."""
+    a, b = a.double().flatten(), b.double().flatten()
+    n = a.numel()
+    if n != b.numel() or n < 2:
+        raise IclProbeError(f"kendall_tau: need two vectors of equal length >= 2, got "
+                            f"{a.numel()} and {b.numel()}")
+    if bool((a == a[0]).all()) or bool((b == b[0]).all()):
+        return float("nan")  # a constant weighting has no order
+    if n > KENDALL_DIRECT_MAX:
+        return float(kendalltau(a.numpy(), b.numpy(), variant="b").statistic)
+    da = torch.sign(a[:, None] - a[None, :]).triu(1)
+    db = torch.sign(b[:, None] - b[None, :]).triu(1)
+    num = float((da * db).sum())
+    den = math.sqrt(float((da != 0).sum()) * float((db != 0).sum()))
+    return num / den
+
+
+KENDALL_DIRECT_MAX = 2048
+
+
+KENDALL_LEVELS = ("token", "example")
+
+
+def kendall_icl_ft(scores_icl: torch.Tensor, q_steps: torch.Tensor, q_ft: torch.Tensor, *,
+                   scale: float, level: str = "token",
+                   demo_lengths: Sequence[int] | None = None) -> float:
+    """Dai et al.'s Kendall(ICL, FT) for one layer.
+
+    ICL side: the model's scores from p to each demonstration token (``head demo_tok``,
+    already scaled as the model scales them), summed over heads, softmax. FT side: for each
+    demonstration token j, the query ``q_j`` recorded while the FT step used its
+    demonstration (``demo_tok head d_head``) dotted with the FT model's query at p
+    (``head d_head``), both multiplied by the attention ``scale`` as Dai's fairseq stores its
+    queries (so the logits are ``scale² Σ_h q_j·q_p``), summed over heads, softmax.
+    ``level="token"``: τ between the two weightings of the tokens; ``level="example"``: the
+    weights summed per demonstration first (``demo_lengths`` gives each demonstration's token
+    count), τ over demonstrations (Dai's example-level form)."""
+    if level not in KENDALL_LEVELS:
+        raise IclProbeError(f"kendall_icl_ft(level={level!r}): expected one of {KENDALL_LEVELS}")
+    if scores_icl.shape[-1] != q_steps.shape[0]:
+        raise IclProbeError(f"kendall_icl_ft: {scores_icl.shape[-1]} ICL demonstration tokens "
+                            f"but {q_steps.shape[0]} recorded FT queries")
+    icl_w = torch.softmax(scores_icl.double().sum(0), -1)
+    q_steps, q_ft = q_steps.double() * scale, q_ft.double() * scale
+    ft_w = torch.softmax(einops.einsum(q_steps, q_ft, "tok head d_head, head d_head -> tok"), -1)
+    if level == "example":
+        if demo_lengths is None or sum(demo_lengths) != icl_w.numel():
+            raise IclProbeError(f"kendall_icl_ft(level='example'): demo_lengths must sum to the "
+                                f"{icl_w.numel()} demonstration tokens, got {demo_lengths}")
+        demo = torch.repeat_interleave(torch.arange(len(demo_lengths)),
+                                       torch.tensor(list(demo_lengths)))
+        icl_w = torch.zeros(len(demo_lengths), dtype=icl_w.dtype).index_add_(0, demo, icl_w)
+        ft_w = torch.zeros(len(demo_lengths), dtype=ft_w.dtype).index_add_(0, demo, ft_w)
+    return kendall_tau(icl_w, ft_w)
+
+
+def simaou_uniform_random(h_zs: torch.Tensor, h_icl: torch.Tensor, r: torch.Tensor,
+                          normalize: bool) -> torch.Tensor:
+    """Dai et al.'s SimAOU baseline: cos(h_ICL − h_ZS, r) with ``r`` a draw from U[0, 1)^d
+    (given, so that the function is pure), along the last axis. ``normalize=True`` takes the
+    update between unit-normalised outputs, as Dai's code does for its baseline (the
+    ``SimAOU_norm`` form); ``False`` is the unnormalised form's baseline."""
+    if normalize:
+        h_zs, h_icl = (h / h.norm(dim=-1, keepdim=True) for h in (h_zs, h_icl))
+    return _cos(h_icl - h_zs, r)
+
+
+def top_overlap(p_icl: torch.Tensor, p_gd: torch.Tensor, k: int = 10) -> float:
+    """|Top_k(p_ICL) ∩ Top_k(p_GD)| / k (Shen/Mishra; *unverified* definition)."""
+    a = set(p_icl.topk(k).indices.tolist())
+    b = set(p_gd.topk(k).indices.tolist())
+    return len(a & b) / k
+
+
+def overlap_cosine(p_icl: torch.Tensor, p_gd: torch.Tensor, k: int = 10) -> float:
+    """Cosine of the two probability vectors restricted to the tokens in both top-k sets
+    (*unverified* definition); NaN when the sets do not overlap."""
+    common = sorted(set(p_icl.topk(k).indices.tolist()) & set(p_gd.topk(k).indices.tolist()))
+    if not common:
+        return float("nan")
+    idx = torch.tensor(common)
+    return float(_cos(p_icl[idx], p_gd[idx]))
+
+
+def kl(p_icl: torch.Tensor, p_gd: torch.Tensor) -> float:
+    """KL(p_ICL ‖ p_GD) in nats, from probabilities (float64)."""
+    p, q = p_icl.double(), p_gd.double()
+    mask = p > 0
+    return float((p[mask] * (p[mask].log() - q[mask].clamp_min(1e-300).log())).sum())
+
+
+def order_sensitivity(probs: torch.Tensor) -> float:
+    """Shen et al.'s order sensitivity for R orderings of the same demonstrations (R d_vocab
+    output distributions at p): the per-token standard deviation across orderings, summed
+    over the vocabulary (*unverified* aggregation; 0 exactly when every ordering gives the
+    same distribution)."""
+    if probs.shape[0] < 2:
+        raise IclProbeError("order_sensitivity needs at least two orderings")
+    return float(probs.double().std(dim=0, correction=0).sum())
+
+
+def uniform_random_cos(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Dai's baseline: cos(x, r) with r ~ U[0, 1)^d, along the last axis."""
+    r = torch.rand(x.shape, generator=generator, dtype=torch.float64)
+    return _cos(x, r)
+
+
+def same_norm_random(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random direction (Gaussian) with the norm of each row of ``x``."""
+    r = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    return r / r.norm(dim=-1, keepdim=True) * x.double().norm(dim=-1, keepdim=True)

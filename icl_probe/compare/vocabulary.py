@@ -1,0 +1,43 @@
+"""The names a comparison is made of: its protocols, baseline runs, reading positions,
+similarities with the baselines each is read against, and what each run traces."""
+
+from __future__ import annotations
+
+
+PROTOCOLS = ("shared", "per_query")
+
+
+BASELINES = ("shuffled_labels", "untrained", "embeddings_only")
+
+
+POSITIONS = ("pred", "label")
+
+
+# Similarities and the baselines each is read against (the per-query random ones and SimAM's
+# "before" live beside the metric in the same run; the others are runs of their own).
+SIMILARITIES = ("SimAOU_norm", "SimAOU", "SimAM_after", "SimAM_delta", "Kendall",
+                "Kendall_example", "weight_cos", "Rec2FTP")
+
+
+IN_RUN_BASELINES = {
+    "SimAOU_norm": ("random_update", "uniform_random"),
+    "SimAOU": ("random_update", "uniform_random"),
+    "SimAM_after": ("SimAM_before",),
+    "SimAM_delta": ("random_update",),
+    "Kendall": ("uniform_random",),
+    "Kendall_example": ("uniform_random",),
+    "weight_cos": ("random_update",),
+}
+
+
+# per-layer intervals (for the figures) of these metrics of the model's own run
+LAYER_CI_METRICS = ("SimAOU_norm", "SimAOU", "SimAM_delta", "Kendall", "weight_cos")
+
+
+ICL_WHAT = ("scores", "attn_out")
+
+
+ZS_BATCH = 32  # zero-shot prompts are short: larger batches cost little memory
+
+
+ZS_WHAT = ("q", "k", "v", "scores", "attn_out")

@@ -1,0 +1,238 @@
+"""Real gradient descent on exactly the demonstrations of an ICL prompt (docs/science.md,
+Gradient-descent comparators).
+
+:func:`finetune` trains the selected parameters in place, records the real deltas
+``θ_FT − θ_0`` and restores ``θ_0`` exactly (from the saved originals), so the base model is
+unchanged afterwards. Memory while training: the model, a copy of the trained parameters'
+original values (needed for the exact restore: float deltas cannot give θ_0 back bit for bit),
+their gradients and the optimiser's state; afterwards: the model and the deltas. The returned
+:class:`FineTune` carries the deltas and ``ft.model``, a view of the base model with the
+deltas applied during each forward (and to the weights it reports), usable with :func:`icl_probe.trace` and :func:`icl_probe.implied_updates`.
+
+Methods (one training example = ``[BOS] + one demonstration's tokens``; loss = causal-LM
+cross-entropy averaged over the demonstration's input and label tokens, as in Dai et al.'s
+code where the separator between demonstrations is stripped; ``loss_tokens`` keeps the
+separator or scores the label tokens only):
+
+- ``"dai"``: SGD, batch size 1, one epoch, one step per demonstration in prompt order
+  (Dai et al. 2023's code); parameters ``k_proj`` and ``v_proj`` of every layer by default.
+- ``"batch"``: full-batch GD, ``steps`` steps on the mean loss over all demonstrations. The
+  per-demonstration losses are summed in a canonical order (by item index), so the result is
+  exactly independent of the prompt's order.
+- ``"adam"``: Adam (β = 0.9, 0.999), batch size 1 in prompt order, ``epochs`` epochs.
+- ``"lcgd"``: layer-causal GD (Deutch et al. 2024): every block's input is detached, every
+  block's output is decoded through the frozen final norm and unembedding (logit lens), the
+  loss is the sum over layers of those cross-entropies; SGD, batch size 1, prompt order.
+
+Parameter sets: ``"kv"``, ``"qkvo"``, ``"mlp"``, ``"all"``, or ``"v:L"`` (layer L's W_V only,
+Shen et al.'s sub-model GD). Deltas are keyed by the Hugging Face parameter name
+(``model.layers.3.self_attn.k_proj.weight``); on fused-QKV models (GPT-2, GPT-NeoX) by the
+bridge's split q/k/v maps (``transformer.h.0.attn.k.weight``), which its forward runs through.
+``ft.projection_deltas()`` gives them per logical projection (q, k, v, o) on every family.
+
+>>> import icl_probe as ip
+>>> model = ip.tiny_model()
+>>> pair = ip.build_prompt(model, "capital", query=0, k=2)
+>>> ft = ip.finetune(model, pair, method="dai", params="kv", lr=1e-2)
+>>> sorted(ft.deltas)[:2]
+['model.layers.0.self_attn.k_proj.weight', 'model.layers.0.self_attn.v_proj.weight']
+>>> ft.diverged, len(ft.losses)
+(False, 2)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import FineTuneError
+from ..hooks import logits_to_keep, query_capture_hooks
+from ..prompts import PromptPair
+from .losses import _example_loss, _examples
+from .params import trainable_parameters
+from .result import FineTune, FineTunedModel
+from .settings import (COLLAPSE_STD, DIVERGENCE_FACTOR, METHODS, RISE_FACTOR, FineTuneConfig,
+                       learning_rate)
+
+
+def finetune(
+    model: Any,
+    pair: PromptPair,
+    method: str | FineTuneConfig = "dai",
+    params: str = "kv",
+    lr: float = 1e-3,
+    *,
+    steps: int = 1,
+    epochs: int = 1,
+    loss_tokens: str = "demo",
+    record_queries: bool = True,
+    seed: int = 0,
+) -> FineTune:
+    """Fine-tune on exactly ``pair``'s demonstrations; return the real deltas and a
+    fine-tuned view of the model (see the module docstring for methods and parameter sets).
+    The base model's parameters are restored exactly before returning. ``method`` may be a
+    :class:`FineTuneConfig`, which then gives every setting (the keyword arguments it has must
+    be left at their defaults)."""
+    if isinstance(method, FineTuneConfig):
+        cfg, default = method, FineTuneConfig()
+        given = dict(params=params, lr=lr, steps=steps, epochs=epochs, loss_tokens=loss_tokens)
+        clash = [k for k, v in given.items() if v != getattr(default, k)]
+        if clash:
+            raise FineTuneError(f"finetune(config, {clash[0]}=...): give {clash[0]} in the "
+                                "FineTuneConfig, not beside it")
+        return finetune(model, pair, cfg.method, cfg.params, cfg.lr, steps=cfg.steps,
+                        epochs=cfg.epochs, loss_tokens=cfg.loss_tokens,
+                        record_queries=record_queries, seed=seed)
+    if method not in METHODS:
+        raise FineTuneError(f"method={method!r}: expected one of {METHODS}")
+    if not pair.spans.demos:
+        raise FineTuneError("finetune(): the prompt has no demonstrations to train on")
+    lr = learning_rate(lr, "finetune(lr=...)")
+    torch.manual_seed(seed)
+    train = trainable_parameters(model, params)
+    if not isinstance(steps, int) or steps < 1 or not isinstance(epochs, int) or epochs < 1:
+        raise FineTuneError(f"steps={steps!r}, epochs={epochs!r}: both must be integers >= 1 "
+                            "(a fine-tune that trains nothing is almost always a mistake)")
+    examples = _examples(pair, loss_tokens)
+    run = _train(model, pair, train, examples, method, lr, steps, epochs, record_queries)
+    view = FineTunedModel(model, run["deltas"])
+    reason = _divergence(view, pair, examples, method, run)
+    ft = FineTune(deltas=run["deltas"], losses=run["losses"], diverged=reason is not None,
+                  method=method, params=params, lr=float(lr), step_queries=run["queries"],
+                  step_demos=run["demo_of_step"], divergence=reason)
+    ft.model = view
+    return ft
+
+
+def _train(model: Any, pair: PromptPair, train: dict[str, torch.nn.Parameter],
+           examples: list, method: str, lr: float, steps: int, epochs: int,
+           record_queries: bool) -> dict[str, Any]:
+    """The training loop: the trained parameters' deltas, the loss of each step, the queries
+    each step saw, whether it stopped on a non-finite loss or parameter, and the example the
+    rising-loss rule watches with its loss before any step. The base model's parameters are
+    restored exactly (from saved originals) however the loop ends."""
+    all_params = list(model.parameters())
+    flags = [p.requires_grad for p in all_params]
+    saved = {n: p.detach().clone() for n, p in train.items()}
+    run: dict[str, Any] = {"losses": [], "queries": [], "demo_of_step": [], "diverged": False,
+                           "watched": 0, "first_before": None}
+    q_store: list[torch.Tensor] = []
+    # the queries as the model uses them (after QK-norm and rotary)
+    qhooks = query_capture_hooks(model, q_store) if record_queries else []
+    try:
+        for p in all_params:
+            p.requires_grad_(False)
+        for p in train.values():
+            p.requires_grad_(True)
+        plist = list(train.values())
+        opt = torch.optim.Adam(plist, lr=lr) if method == "adam" else torch.optim.SGD(plist, lr=lr)
+        model.train(False)  # no dropout: the deltas are deterministic
+
+        def step(loss: torch.Tensor) -> bool:
+            """One optimiser step; True when the run has diverged (and must stop)."""
+            run["losses"].append(loss.item())
+            if not math.isfinite(run["losses"][-1]):
+                return True
+            loss.backward()
+            opt.step()
+            return not all(torch.isfinite(p).all() for p in plist)
+
+        if method == "batch":
+            canonical = sorted(range(len(examples)), key=lambda i: pair.demos[i])
+            run["watched"] = canonical[0]  # the rising-loss rule's example
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                parts = [_example_loss(model, *examples[i], method, []) for i in canonical]
+                if run["first_before"] is None:
+                    run["first_before"] = float(parts[0].detach())
+                if diverged := step(sum(parts) / len(examples)):
+                    break
+        else:
+            diverged = False
+            for _ in range(epochs if method == "adam" else 1):
+                for i, (ids, mask) in enumerate(examples):
+                    opt.zero_grad(set_to_none=True)
+                    q_store.clear()
+                    loss = _example_loss(model, ids, mask, method, qhooks)
+                    if record_queries:
+                        run["queries"].append(torch.stack(q_store))  # layer pos head d_head
+                        run["demo_of_step"].append(i)
+                    if diverged := step(loss):
+                        break
+                if diverged:
+                    break
+        run["diverged"] = diverged
+        run["deltas"] = {n: (p.detach() - saved[n]) for n, p in train.items()}
+    finally:
+        with torch.no_grad():
+            for n, p in train.items():
+                p.copy_(saved[n])
+        for p, f in zip(all_params, flags):
+            p.requires_grad_(f)
+        model.eval()
+    return run
+
+
+def _divergence(view: FineTunedModel, pair: PromptPair, examples: list, method: str,
+                run: dict[str, Any]) -> str | None:
+    """Why a finished run counts as diverged, or None: a non-finite loss or parameter, a
+    collapsed output, a final loss above 3x the first, or a trained example whose loss rose
+    above 2x (docs/protocol.md)."""
+    losses = run["losses"]
+    if run["diverged"]:
+        return "non-finite loss or parameter"
+    if is_collapsed(_zero_shot_logits(view, pair)):
+        return (f"collapsed output: the fine-tuned logits at p on the zero-shot prompt vary "
+                f"by less than {COLLAPSE_STD:g} (std over the vocabulary)")
+    if len(losses) > 1 and losses[-1] > DIVERGENCE_FACTOR * losses[0]:
+        return (f"final loss {losses[-1]:.3g} > {DIVERGENCE_FACTOR:g} x the first "
+                f"({losses[0]:.3g})")
+    # LCGD's loss decodes every layer over the vocabulary (8 % of a k = 8 fine-tune on the
+    # embedded model): its runs of 3+ steps are left to the 3x rule above
+    if method == "lcgd" and len(losses) >= 3:
+        return None
+    before = losses[0] if run["first_before"] is None else run["first_before"]
+    watched = run["watched"]
+    after = _final_loss(view, *examples[watched], method)
+    if not after <= RISE_FACTOR * before:
+        return (f"loss rose on a trained example: demonstration {watched}'s loss is "
+                f"{after:.3g} after training, {before:.3g} before (> {RISE_FACTOR:g}x)")
+    return None
+
+
+def is_collapsed(logits: torch.Tensor) -> bool:
+    """Whether logits over the vocabulary (d_vocab) have collapsed to a constant: their
+    standard deviation is below :data:`COLLAPSE_STD` (non-finite logits count as collapsed)."""
+    std = float(logits.double().std())
+    return not std >= COLLAPSE_STD
+
+
+def _final_loss(view: FineTunedModel, ids: torch.Tensor, mask: torch.Tensor,
+                method: str) -> float:
+    """One example's loss, as ``method`` trains it, with the fine-tuned weights (LCGD decodes
+    every layer through the final norm and unembedding outside the forward, so its weights are
+    patched for the whole computation)."""
+    with torch.inference_mode():
+        if method != "lcgd":
+            return float(_example_loss(view, ids, mask, method, []))
+        with view.applied():
+            return float(_example_loss(view._base, ids, mask, method, []))
+
+
+def _zero_shot_logits(view: FineTunedModel, pair: PromptPair) -> torch.Tensor:
+    """The fine-tuned view's logits at the prediction position of ``pair``'s zero-shot prompt
+    (one short forward)."""
+    ids = pair.zs_ids
+    device = next(view.parameters()).device
+    keep, kw = logits_to_keep(view, torch.tensor([len(ids) - 1]))
+    with torch.inference_mode():
+        logits = view(ids[None].to(device), **kw)
+    return logits[0, keep[0]]
+
+
+def finetune_sweep(model: Any, pair: PromptPair, lrs: Sequence[float], **kwargs: Any
+                   ) -> list[FineTune]:
+    """:func:`finetune` at each learning rate; diverged runs are kept (``ft.diverged``)."""
+    return [finetune(model, pair, lr=lr, **kwargs) for lr in lrs]
