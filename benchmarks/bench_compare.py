@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 import icl_probe as ip
 from _timing import interleaved, ratio
-from icl_probe.gd import _examples, trainable_parameters
-from icl_probe.protocol import demonstrations
+from icl_probe.compare import demonstrations
+from icl_probe.gd import trainable_parameters
+from icl_probe.gd.losses import _examples
 
 
 def main() -> None:

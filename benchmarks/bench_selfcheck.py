@@ -1,4 +1,4 @@
-"""What the fast paths' self-checks cost (icl_probe.selfcheck), measured on the embedded model.
+"""What the fast paths' self-checks cost (icl_probe.hooks.selfcheck), measured on the embedded model.
 
 Each call of the shared-prefix trace runs its shortest prompt whole in the forward that builds
 the prefix's cache (instead of the prefix alone), captures one layer's scores there and in the
@@ -27,11 +27,9 @@ import torch
 
 import icl_probe as ip
 from _timing import interleaved
-from icl_probe import selfcheck
-from icl_probe.hooks import logits_to_keep
-from icl_probe.prefix import shared_prefix_length, trace_shared_prefix
-from icl_probe.protocol import ICL_WHAT, demonstrations
-from icl_probe.scoring import answer_logprobs
+from icl_probe.compare import ICL_WHAT, demonstrations
+from icl_probe.hooks import (answer_logprobs, logits_to_keep, selfcheck, shared_prefix_length,
+                             trace_shared_prefix)
 
 
 def timed_checks() -> list[float]:

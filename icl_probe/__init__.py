@@ -51,8 +51,7 @@ from .experiments import Config, load_config
 from .gd import FineTune, FineTuneConfig, FineTunedModel, finetune
 from .hooks import AttentionRecord, trace
 from .models import load_model, tiny_model
-from .probes import (ImpliedUpdates, demo_mass, implied_updates, update_trajectory,
-                     verify_identities)
+from .probes import ImpliedUpdates, demo_mass, implied_updates, update_trajectory, verify_identities
 from .prompts import PromptPair, build_prompt, build_prompts
 from .runs import run_experiment
 from .tasks import Task, load_anchor_dataset, load_task, shipped_tasks

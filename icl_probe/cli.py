@@ -14,8 +14,8 @@ from typing import Any
 
 from . import doctor, models
 from .errors import ExperimentError, IclProbeError, PromptError
-from .experiments import (EXPERIMENTS_DIR, check_inputs, finished_units, load_config,
-                          model_specs, output_dir)
+from .experiments import (EXPERIMENTS_DIR, check_inputs, finished_units, load_config, model_specs,
+                          output_dir)
 from .experiments.plan import plan
 from .experiments.settings import parse_time
 from .models import Placement, load_model

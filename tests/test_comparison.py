@@ -81,6 +81,51 @@ def test_kendall_icl_ft_follows_the_definition():
                - C.kendall_tau(icl_w, ft_w)) < TOL
 
 
+def _softmax_ref(x):
+    m = max(x)
+    e = [math.exp(v - m) for v in x]
+    return [v / sum(e) for v in e]
+
+
+def test_kendall_icl_ft_applies_the_scale_to_both_queries():
+    """The FT logits are (scale·q_j)·(scale·q_p) summed over heads: scale² Σ_h q_j·q_p (Dai's
+    fairseq scales its stored queries). Kendall's τ between two softmaxes is blind to the
+    scale at the token level (a positive factor keeps every logit's order), so the check is
+    at the example level, where the weights are summed per demonstration first and the
+    temperature changes the sums' order. On this data τ with scale² (the definition), scale¹
+    (the scale applied to one side only) and scale⁰ (dropped) all differ, so the test fails if
+    the scale is dropped or applied once."""
+    g = torch.Generator().manual_seed(9)
+    H, d, scale = 3, 4, 0.37
+    lengths = [2, 3, 1, 4, 2]  # tokens per demonstration
+    J = sum(lengths)
+    scores = torch.randn(H, J, generator=g, dtype=torch.float64)
+    q_steps = torch.randn(J, H, d, generator=g, dtype=torch.float64)
+    q_ft = torch.randn(H, d, generator=g, dtype=torch.float64)
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+
+    def per_example(w):
+        return torch.tensor([sum(w[s:s + n]) for s, n in zip(starts, lengths)])
+
+    icl_w = _softmax_ref([sum(float(scores[h, j]) for h in range(H)) for j in range(J)])
+
+    def tau(s_step, s_pred):  # FT logits: Σ_h (s_step q_j)·(s_pred q_p)
+        logits = [sum(float((s_step * q_steps[j, h]) @ (s_pred * q_ft[h])) for h in range(H))
+                  for j in range(J)]
+        return C.kendall_tau(per_example(icl_w), per_example(_softmax_ref(logits)))
+
+    ref = tau(scale, scale)  # the definition: scale²
+    # the check discriminates: scale applied once, or dropped, gives another τ here
+    assert abs(tau(scale, 1.0) - ref) > 0.1 and abs(tau(1.0, 1.0) - ref) > 0.1
+    got = C.kendall_icl_ft(scores, q_steps, q_ft, scale=scale, level="example",
+                           demo_lengths=lengths)
+    assert abs(got - ref) < TOL
+    # token level: the same τ whatever the scale (see above), but still the definition
+    token = C.kendall_tau(torch.tensor(icl_w), torch.tensor(_softmax_ref(
+        [scale ** 2 * sum(float(q_steps[j, h] @ q_ft[h]) for h in range(H)) for j in range(J)])))
+    assert abs(C.kendall_icl_ft(scores, q_steps, q_ft, scale=scale) - token) < TOL
+
+
 def test_distribution_metrics():
     p = torch.tensor([0.5, 0.2, 0.12, 0.1, 0.05, 0.03], dtype=torch.float64)
     q = torch.tensor([0.1, 0.05, 0.5, 0.2, 0.12, 0.03], dtype=torch.float64)

@@ -2,6 +2,7 @@
 GD++ (float64, every layer), the dual-form identity, a short LSA training run, probes, the
 anchor's line search and eigenvalue table, and the claims on (tiny) real heads."""
 
+import math
 from types import SimpleNamespace
 
 import plotly.graph_objects as go
@@ -10,6 +11,7 @@ import torch
 
 import icl_probe as ip
 from icl_probe import dual
+from icl_probe.models import tiny_hf_model
 
 F64_TOL = 1e-10  # float64, tiny sizes: only summation-order rounding remains
 # distinct axis sizes everywhere, so that a swapped axis cannot pass
@@ -384,11 +386,11 @@ def test_block_similarity_is_one_for_the_construction_and_lower_for_random():
 
 
 def test_real_head_claims_on_tiny_model():
-    model = ip.tiny_model()  # 2 layers, 4 query heads over 2 kv heads, d_model 48
+    model = ip.tiny_model()  # 3 layers, 4 query heads over 2 kv heads, d_model 48
     d = model.cfg.d_model
     out = dual.real_head_claims(model)
     sp = out["sparsity"]
-    assert len(sp) == 2 * 5 * (4 + 2 + 2)  # layers x thresholds x (W_Q heads + W_K, W_V groups)
+    assert len(sp) == 3 * 5 * (4 + 2 + 2)  # layers x thresholds x (W_Q heads + W_K, W_V groups)
     assert sp.frac_below.between(0, 1).all()
     need = sp.groupby("matrix").construction_zeros.first()
     assert need["W_K"] == need["W_Q"] == pytest.approx(1 - (d // 2) / d ** 2)
@@ -400,13 +402,163 @@ def test_real_head_claims_on_tiny_model():
     summary = out["sparsity_summary"]
     assert summary.heads_meeting.between(0, 1).all() and len(summary) == 15
     sim = out["similarity"]
-    assert len(sim) == 2 * 4 * 2 and sim[["score", "random_score"]].abs().le(1).all().all()
+    assert len(sim) == 3 * 4 * 2 and sim[["score", "random_score"]].abs().le(1).all().all()
     assert sim[["score", "random_score"]].notna().all().all()
     pairs = [ip.build_prompt(model, "capital", query=q, k=3, seed=q) for q in range(3)]
     fid = dual.head_fidelity(model, pairs)
-    assert len(fid) == 2 * 4 and (fid.n_prompts == 3).all()
+    assert len(fid) == 3 * 4 and (fid.n_prompts == 3).all()
     assert fid[["fidelity_err_mean", "fidelity_err_median"]].ge(0).all().all()
     assert fid[["fidelity_err_mean", "fidelity_err_std"]].notna().all().all()
     assert isinstance(dual.plot_head_sparsity(sp), go.Figure)
     with pytest.raises(dual.DualError, match="stacked W_Q"):
         dual.head_sparsity(object())
+
+
+# The claims against explicit references: every weight is cut into heads by hand from the
+# Hugging Face projections (Llama layout: q_proj/k_proj/v_proj rows h*d_head:(h+1)*d_head,
+# o_proj columns likewise), never through the bridge's stacked W_Q/W_K/W_V/W_O.
+D_HEAD = 12  # tiny_hf_model() defaults: 3 layers, 4 query heads over 2 kv heads, d_model 48
+KV_OF = {0: 0, 1: 0, 2: 1, 3: 1}  # query head -> key/value head, by hand (4 heads, 2 groups)
+# a fraction below a threshold is a count over 48 x 12 = 576 entries divided by 576; the
+# reference divides |w| by the max exactly as the definition does, so only the final division
+# could round differently (measured: identical)
+COUNT_TOL = 1e-12
+# the block score two ways in float64: eigenvalues of the explicit 48 x 48 symmetric part
+# against the library's QR-reduced core (different rounding, same spectrum; measured 1e-15)
+SCORE_TOL = 1e-10
+
+
+def _tiny_and_its_weights(dead=()):
+    """A float64 tiny Llama (the tiny_model() default sizes) and its projection weights read
+    before wrapping; ``dead``: (layer, "q_proj" | "k_proj" | "v_proj", head) slices zeroed."""
+    hf, tok = tiny_hf_model(seed=6)
+    hf = hf.double()
+    with torch.no_grad():
+        for layer, proj, i in dead:
+            w = getattr(hf.model.layers[layer].self_attn, proj).weight
+            w[i * D_HEAD:(i + 1) * D_HEAD] = 0
+    hf_w = {n: p.detach().clone() for n, p in hf.named_parameters()}
+    model = ip.load_model(hf, tokenizer=tok, device="cpu", dtype=torch.float64)
+
+    def head(layer, proj, i):  # TransformerLens orientation: d_model d_head (W_O: d_head d_model)
+        w = hf_w[f"model.layers.{layer}.self_attn.{proj}.weight"]
+        if proj == "o_proj":
+            return w[:, i * D_HEAD:(i + 1) * D_HEAD].T
+        return w[i * D_HEAD:(i + 1) * D_HEAD].T
+
+    return model, head
+
+
+def _frac_below_by_hand(w, t, relative):
+    vals = [abs(x) for x in w.flatten().tolist()]
+    m = max(vals)
+    return sum(1 for x in vals if (x / m if relative else x) < t) / len(vals)
+
+
+def _row(df, **match):
+    sel = df
+    for k, v in match.items():
+        sel = sel[sel[k] == v]
+    assert len(sel) == 1, (match, len(sel))
+    return sel.iloc[0]
+
+
+def test_head_sparsity_matches_a_hand_count():
+    model, head = _tiny_and_its_weights()
+    proj = {"W_Q": "q_proj", "W_K": "k_proj", "W_V": "v_proj"}
+    cases = [(2, "W_Q", 1), (0, "W_Q", 3), (1, "W_K", 1), (2, "W_V", 0)]
+    refs = {}
+    for relative in (True, False):
+        sp = dual.head_sparsity(model, thresholds=[1e-2, 1e-3], relative=relative)
+        for layer, name, i in cases:
+            for t in (1e-2, 1e-3):
+                ref = _frac_below_by_hand(head(layer, proj[name], i), t, relative)
+                where = {"head": i} if name == "W_Q" else {"head": -1, "kv_head": i}
+                row = _row(sp, layer=layer, matrix=name, threshold=t, **where)
+                assert abs(row.frac_below - ref) < COUNT_TOL, (relative, layer, name, i, t)
+                if name == "W_Q":
+                    assert row.kv_head == KV_OF[i]
+                refs[relative, layer, name, i, t] = ref
+    # the two threshold kinds give different counts here, so a relative/absolute mix-up fails
+    assert all(refs[True, *c, 1e-2] != refs[False, *c, 1e-2] for c in cases)
+
+
+def test_each_sparsity_and_similarity_row_reads_its_own_head():
+    """One dead head per matrix: exactly its rows are all-zero (sparsity 1 at every threshold,
+    both threshold kinds), and exactly the circuits through it score 0."""
+    dead = [(1, "q_proj", 2), (0, "k_proj", 1), (2, "v_proj", 0)]
+    model, _ = _tiny_and_its_weights(dead)
+    for relative in (True, False):
+        sp = dual.head_sparsity(model, thresholds=[1e-2, 1e-4], relative=relative)
+        full = sp[sp.frac_below == 1]
+        got = sorted(set(map(tuple, full[["layer", "matrix", "head", "kv_head"]].values.tolist())))
+        # W_Q head 2 belongs to kv head 1; W_K/W_V rows are per kv head (head = -1)
+        assert got == [(0, "W_K", -1, 1), (1, "W_Q", 2, 1), (2, "W_V", -1, 0)], (relative, got)
+        assert len(full) == 3 * 2  # each at both thresholds
+    sim = dual.head_block_similarity(model)
+    zero = sim[sim.score.abs() < SCORE_TOL]
+    got = sorted(map(tuple, zero[["layer", "head", "circuit"]].values.tolist()))
+    # QK of layer 0's heads 2, 3 (they read kv head 1), QK of layer 1's head 2, OV of
+    # layer 2's heads 0, 1 (kv head 0)
+    assert got == [(0, 2, "QK"), (0, 3, "QK"), (1, 2, "QK"), (2, 0, "OV"), (2, 1, "OV")]
+    assert (sim.drop(zero.index).score > 0.1).all()  # every living circuit scores clearly
+
+
+def _block_score_by_hand(M, sign):
+    """max_k (Σ of the k largest eigenvalues of (M + Mᵀ)/2) / (√k ‖M‖_F) from the explicit
+    matrix (sign -1: the k smallest, negated; 0: the better of the two), and its k."""
+    lam = torch.linalg.eigvalsh(0.5 * (M + M.T)).tolist()  # ascending
+    fro = math.sqrt(sum(x * x for x in M.flatten().tolist()))
+    best = (-math.inf, 0)
+    for k in range(1, len(lam) + 1):
+        top, bottom = sum(lam[-k:]), -sum(lam[:k])
+        val = {1: top, -1: bottom, 0: max(top, bottom)}[sign] / (math.sqrt(k) * fro)
+        if val > best[0]:
+            best = (val, k)
+    return best
+
+
+def test_block_similarity_matches_the_explicit_circuits():
+    model, head = _tiny_and_its_weights()
+    sim = dual.head_block_similarity(model)
+    for layer in range(3):
+        for h in range(4):
+            g = KV_OF[h]
+            qk = head(layer, "q_proj", h) @ head(layer, "k_proj", g).T  # W_Q W_Kᵀ, d_model²
+            ov = head(layer, "v_proj", g) @ head(layer, "o_proj", h)  # W_V W_O
+            for circuit, M, sign in (("QK", qk, 1), ("OV", ov, 0)):
+                score, k = _block_score_by_hand(M, sign)
+                row = _row(sim, layer=layer, head=h, circuit=circuit)
+                assert abs(row.score - score) < SCORE_TOL, (layer, h, circuit)
+                assert row.best_k == k, (layer, h, circuit)
+
+
+def test_head_fidelity_matches_the_definition():
+    """min_c ‖h − c h_lin‖ / ‖h‖ with h = W_O z, h_lin = W_O Σ_j v_j (k_j·q) over the prompt's
+    demonstration and query tokens, per prompt by Python loops, then mean / median over
+    prompts; also with a subset of layers, whose rows keep their own layer labels."""
+    model, head = _tiny_and_its_weights()
+    pairs = [ip.build_prompt(model, "capital", query=q, k=3, seed=q) for q in range(3)]
+    err = {}  # (layer, head) -> per-prompt errors
+    for p in pairs:
+        rec = ip.trace(model, [p], what=("q", "k", "v", "z"))  # one prompt: no padding
+        keys = p.spans.demo_indices().tolist() + p.spans.query_indices().tolist()
+        assert rec.key_positions[0].tolist()[:len(p.icl_ids)] == list(range(len(p.icl_ids)))
+        for layer in range(3):
+            for h in range(4):
+                g, W_O = KV_OF[h], head(layer, "o_proj", h)
+                q = rec.at_pred("q")[layer, 0, h]
+                k, v = rec.data["k"][layer, 0, :, g], rec.data["v"][layer, 0, :, g]
+                z_lin = sum(v[j] * float(k[j] @ q) for j in keys)
+                hh, hl = rec.at_pred("z")[layer, 0, h] @ W_O, z_lin @ W_O
+                c = float(hh @ hl) / float(hl @ hl)
+                err.setdefault((layer, h), []).append(float((hh - c * hl).norm() / hh.norm()))
+    fid = dual.head_fidelity(model, pairs)
+    some = dual.head_fidelity(model, updates=ip.implied_updates(model, pairs, layers=[2]))
+    assert sorted(some.layer.unique()) == [2]
+    for table in (fid, some):
+        for row in table.itertuples():
+            e = sorted(err[row.layer, row.head])
+            assert abs(row.fidelity_err_mean - sum(e) / 3) < F64_TOL, (row.layer, row.head)
+            assert abs(row.fidelity_err_median - e[1]) < F64_TOL, (row.layer, row.head)
+            assert row.n_prompts == 3

@@ -138,7 +138,7 @@ def test_deterministic_and_parameter_sets(tiny, pair):
         len({id(p) for p in tiny.parameters()})
     with pytest.raises(ip.FineTuneError, match="'v:L'"):
         ip.finetune(tiny, pair, params="kvx")
-    with pytest.raises(ip.FineTuneError, match="layers 0..1"):
+    with pytest.raises(ip.FineTuneError, match=r"layers 0\.\.2"):  # tiny_model(): 3 layers
         ip.finetune(tiny, pair, params="v:9")
     with pytest.raises(ip.FineTuneError, match="method"):
         ip.finetune(tiny, pair, method="sgd2")
@@ -151,7 +151,8 @@ def test_kendall_needs_the_step_queries(tiny, pair):
     assert len(ft.step_queries) == pair.k and ft.step_demos == list(range(pair.k))
     # Dai's examples: BOS + input + label (the separator stripped)
     n_tok = [len(d.input) + len(d.label) + 1 for d in pair.spans.demos]
-    assert [q.shape[:2] for q in ft.step_queries] == [torch.Size([2, n]) for n in n_tok]
+    # layer x token: tiny_model()'s 3 layers
+    assert [q.shape[:2] for q in ft.step_queries] == [torch.Size([3, n]) for n in n_tok]
     with_sep = ip.finetune(tiny, pair, method="dai", lr=1e-3, loss_tokens="demo+sep")
     assert [q.shape[1] for q in with_sep.step_queries] == [len(d.whole) + 1
                                                            for d in pair.spans.demos]

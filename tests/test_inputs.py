@@ -8,7 +8,7 @@ import pytest
 
 import icl_probe as ip
 from icl_probe import run_experiment
-from icl_probe.experiments import Config, read_results, task_labels, unit_id
+from icl_probe.experiments import SECTIONS, Config, read_results, task_labels, unit_id
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,25 @@ def test_plain_unit_ids_are_unchanged():
     assert unit_id("icl_vs_gd", dict(task="sentiment", lr=0.01, seed=0, stage="sweep",
                                      method="dai", model="embedded")) == \
         "icl_vs_gd__lr=0.01__method=dai__model=embedded__seed=0__stage=sweep__task=sentiment"
+    # the typed unit names the same directory, with only the fields that are set
+    unit = SECTIONS["icl_vs_gd"].Unit(model="embedded", stage="sweep", task="sentiment", seed=0,
+                                      method="dai", lr=0.01)
+    assert unit.id == \
+        "icl_vs_gd__lr=0.01__method=dai__model=embedded__seed=0__stage=sweep__task=sentiment"
+    assert list(unit.key()) == ["model", "stage", "task", "seed", "method", "lr"]
+
+
+def test_model_keys_with_double_underscores_get_their_own_units(tmp_path):
+    """Unit ids hash values that are not plain, so a key may hold '__'; a key with a path
+    separator would name a file elsewhere and is refused."""
+    a, b = ip.tiny_model(seed=3), ip.tiny_model(seed=4)
+    cfg = _config(["capital"])
+    out = run_experiment(cfg, model={"m__1": a, "m": b}, out=tmp_path / "out", progress=False)
+    ids = {d.name for d in (out / "units").iterdir() if not d.name.startswith(".")}
+    assert len(ids) == 2 and any("__h=" in i for i in ids), ids
+    assert set(read_results(out)["real_heads"]["sparsity"].model) == {"m__1", "m"}
+    with pytest.raises(ip.ExperimentError, match="without '/'"):
+        run_experiment(cfg, model={"a/b": a}, out=tmp_path / "out2", progress=False)
 
 
 def _classification_file(path, suffix):

@@ -11,7 +11,7 @@ import torch
 
 import icl_probe as ip
 from icl_probe import models, run_experiment
-from icl_probe.experiments import Config, check_inputs, finished_units, runner, store
+from icl_probe.experiments import Config, finished_units, runner, stamp, store
 from icl_probe.models import sizing
 from icl_probe.report import rebuild_report
 from icl_probe.runs import launch
@@ -104,14 +104,14 @@ def test_out_on_an_existing_file_is_refused(tmp_path):
     f = tmp_path / "a-file"
     f.write_text("x")
     with pytest.raises(ip.ExperimentError, match="existing file"):
-        runner.output_dir(_cfg("real_heads"), f)
+        stamp.output_dir(_cfg("real_heads"), f)
 
 
 def test_an_unwritable_out_is_refused(tmp_path, monkeypatch):
     # the suite runs as root, which ignores permissions: the check's answer is simulated
-    monkeypatch.setattr(runner.os, "access", lambda *a: False)
+    monkeypatch.setattr(stamp.os, "access", lambda *a: False)
     with pytest.raises(ip.ExperimentError, match="not writable"):
-        runner.output_dir(_cfg("real_heads"), tmp_path / "new")
+        stamp.output_dir(_cfg("real_heads"), tmp_path / "new")
 
 
 def test_a_garbage_completion_marker_blocks_neither_run_nor_report(tmp_path):

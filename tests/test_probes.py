@@ -2,6 +2,7 @@
 rotary), every identity on the embedded model in float32, batching, and bad input."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -137,6 +138,71 @@ def test_table_is_tidy(tiny64):
     assert len(demo_rows) == sum(p.k for p in pairs) * tiny64.cfg.n_layers * tiny64.cfg.n_heads
     assert df[df.quantity == "mlp_dW_gate_norm"]["head"].eq(-1).all()
     assert torch.isfinite(torch.tensor(df.value.values)).all()
+
+
+# table() stores float32: a float64 value rounded to float32 moves by at most 2^-24 of itself;
+# a second 2^-24 covers the float64 reference's own (summation-order) rounding
+TABLE_REL_TOL = 2 ** -23
+
+
+def _close_in_table(value, ref):
+    return abs(value - ref) <= TABLE_REL_TOL * abs(ref)
+
+
+def test_table_rows_are_labelled_with_their_own_prompt_layer_head_and_demo(tiny64):
+    """Each row's value is the quantity of the prompt, layer, head and demonstration it is
+    labelled with, recomputed from a separate trace by Python loops. Two of the model's three
+    layers are traced ([0, 2]), so a row labelled with its index among the traced layers (1)
+    instead of the layer (2) fails; 4 prompts with 2..5 demonstrations and 6 heads keep the
+    prompt, demo and head axes distinct."""
+    pairs = _pairs(tiny64, n=4)  # k = 2, 3, 4, 5
+    layers = [0, 2]
+    up = ip.implied_updates(tiny64, pairs, layers=layers)
+    df = up.table()
+    assert sorted(df.layer.unique()) == layers
+    rec = ip.trace(tiny64, pairs, what=("k", "v", "pattern", "mlp_in"), layers=layers)
+    zs = ip.trace(tiny64, pairs, kind="zs", what=("mlp_in",), layers=layers)
+    H, G = tiny64.cfg.n_heads, tiny64.cfg.n_key_value_heads
+
+    def one(quantity, b, layer, head=-1, demo=-1):
+        sel = df[(df.quantity == quantity) & (df.prompt == b) & (df.layer == layer)
+                 & (df["head"] == head) & (df.demo == demo)]
+        assert len(sel) == 1, (quantity, b, layer, head, demo, len(sel))
+        return float(sel.value.iloc[0])
+
+    def frobenius(positions, li, b, g):
+        k, v = rec.data["k"][li, b, :, g], rec.data["v"][li, b, :, g]
+        M = sum(torch.outer(v[j], k[j]) for j in positions)
+        return math.sqrt(sum(x * x for x in M.flatten().tolist()))
+
+    for b, layer, h in [(0, 0, 5), (3, 2, 1), (2, 2, 4), (1, 0, 2)]:
+        li, g, p = layers.index(layer), h // (H // G), pairs[b]
+        D, Q = p.spans.demo_indices().tolist(), p.spans.query_indices().tolist()
+        pattern = rec.at_pred("pattern")[li, b, h]  # key_pos: the token position itself
+        assert _close_in_table(one("lambda", b, layer, h), sum(float(pattern[j]) for j in D))
+        assert _close_in_table(one("dW_icl_norm", b, layer, h), frobenius(D, li, b, g))
+        assert _close_in_table(one("W_zs_norm", b, layer, h), frobenius(Q, li, b, g))
+        # the label only (the value is checked against loops in
+        # test_updates_against_python_loops)
+        assert _close_in_table(one("fidelity_err", b, layer, h),
+                               float(up.fidelity_err[li, b, h]))
+        for d in {0, p.k - 1}:  # the first and the last demonstration of this prompt
+            span = range(p.spans.demos[d].whole.start, p.spans.demos[d].whole.stop)
+            assert _close_in_table(one("dW_icl_demo_norm", b, layer, h, d),
+                                   frobenius(span, li, b, g))
+        # per prompt and layer (head -1): ‖W_gate (u_ctx − u_0)‖ / ‖u_0‖ and the input shift
+        u_ctx, u_0 = rec.at_pred("mlp_in")[li, b], zs.at_pred("mlp_in")[li, b]
+        W = ip.gd.named_parameters(tiny64)[f"model.layers.{layer}.mlp.gate_proj.weight"].detach()
+        dW_norm = float((W @ (u_ctx - u_0)).norm() / u_0.norm())
+        assert _close_in_table(one("mlp_dW_gate_norm", b, layer), dW_norm)
+        assert _close_in_table(one("u_shift_rel", b, layer),
+                               float((u_ctx - u_0).norm() / u_0.norm()))
+    # every prompt has exactly its own demonstrations' rows, per traced layer and head
+    demo_rows = df[df.quantity == "dW_icl_demo_norm"]
+    for b, p in enumerate(pairs):
+        mine = demo_rows[demo_rows.prompt == b]
+        assert sorted(mine.demo.unique()) == list(range(p.k))
+        assert len(mine) == p.k * len(layers) * H
 
 
 def test_trajectory_adds_demonstrations_one_at_a_time(tiny64):

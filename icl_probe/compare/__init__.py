@@ -7,9 +7,9 @@ Above :mod:`icl_probe.probes` and :mod:`icl_probe.gd`; below the experiments
 """
 
 from . import metrics, stats
-from .metrics import (kendall_icl_ft, kendall_tau, kl, order_sensitivity, overlap_cosine,
-                      rec2ftp, same_norm_random, simam, simaou, simaou_uniform_random,
-                      top_overlap, uniform_random_cos)
+from .metrics import (kendall_icl_ft, kendall_tau, kl, order_sensitivity, overlap_cosine, rec2ftp,
+                      same_norm_random, simam, simaou, simaou_uniform_random, top_overlap,
+                      uniform_random_cos)
 from .order import order_sensitivity_table
 from .protocol import Comparison, Tables, compare
 from .queries import demonstrations, resolve_queries

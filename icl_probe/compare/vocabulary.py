@@ -3,7 +3,6 @@ similarities with the baselines each is read against, and what each run traces."
 
 from __future__ import annotations
 
-
 PROTOCOLS = ("shared", "per_query")
 
 

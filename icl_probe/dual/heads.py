@@ -205,7 +205,7 @@ def head_block_similarity(model: Any, *, seed: int = 0) -> pd.DataFrame:
     >>> import icl_probe as ip
     >>> df = head_block_similarity(ip.tiny_model())
     >>> df.shape, bool(df.score.between(-1, 1).all())
-    ((16, 7), True)
+    ((24, 7), True)
     """
     w = _weights(model)
     L, H, d_model, d_head = w["W_Q"].shape
@@ -244,8 +244,8 @@ def head_fidelity(model: Any, pairs: Sequence[Any] | None = None, *,
     >>> import icl_probe as ip
     >>> model = ip.tiny_model()
     >>> pairs = [ip.build_prompt(model, "capital", query=q, k=3, seed=q) for q in range(2)]
-    >>> head_fidelity(model, pairs).shape                          # 2 layers x 4 heads
-    (8, 6)
+    >>> head_fidelity(model, pairs).shape                          # 3 layers x 4 heads
+    (12, 6)
     """
     if updates is None:
         if pairs is None:

@@ -6,7 +6,8 @@ one machine, local subprocesses or a Slurm array (docs/cluster.md).
 - :mod:`~.sections`: one :class:`~.sections.base.Section` per experiment kind, owning its
   settings, units, run, tables, figures and memory;
 - :mod:`~.units` lists and shards a config's units; :mod:`~.runner` runs them;
-  :mod:`~.store` writes them atomically; :mod:`~.provenance` keeps results of different
+  :mod:`~.store` writes them atomically; :mod:`~.stamp` keeps
+  other configs' results out of a directory; :mod:`~.provenance` keeps results of different
   models, dtypes or stacks apart; :mod:`~.inputs` checks what would fail late;
 - :mod:`~.plan` sizes a run before it starts; :mod:`~.launch` runs it on local subprocesses
   or Slurm. (The functions ``plan``, ``launch``, ``provenance`` and ``settings`` are imported
@@ -25,12 +26,11 @@ from .labels import labeled_task, task_file, task_labels
 from .launch import run_shard, slurm_executor
 from .plan import Plan
 from .provenance import model_identity, provenance_mismatch
-from .runner import (check_stamp, missing_units, output_dir, run_units, stamp_output,
-                     stamped_config)
+from .runner import missing_units, run_units
+from .stamp import check_stamp, output_dir, stamp_output, stamped_config
 from .sections import SECTIONS, Section, Unit, icl_vs_gd_summary
 from .sizing import record_bytes
-from .store import (finished_units, read_results, unit_finished, unit_id, write_csv,
-                    write_text)
+from .store import finished_units, read_results, unit_finished, unit_id, write_csv, write_text
 from .units import experiment_units, model_specs, shard_units
 
 __all__ = [

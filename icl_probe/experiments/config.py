@@ -31,8 +31,8 @@ from typing import Any, Callable
 
 from ..errors import ConfigError
 from .sections import SECTIONS
-from .settings import (choice, device_map, integer, list_of, model_spec, parse_time,
-                       sbatch_options, setting, text)
+from .settings import (choice, device_map, integer, list_of, model_spec, parse_time, sbatch_options,
+                       setting, text)
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent.parent / "experiments"
 SECTION_NAMES = tuple(SECTIONS)

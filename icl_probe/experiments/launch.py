@@ -37,8 +37,9 @@ from ..errors import ExperimentError
 from ..models import Placement
 from .config import LAUNCHERS, Config
 from .inputs import check_inputs
-from .runner import Reporter, run_units, stamp_output
+from .runner import Reporter, run_units
 from .sections import Unit
+from .stamp import stamp_output
 from .store import finished_units
 from .units import experiment_units, model_specs, shard_units
 

@@ -10,6 +10,7 @@ import types
 from typing import Iterable
 
 from ..errors import TraceError
+from ..hooks.quantities import REGISTRY, Sizes
 from ..models import ModelShape
 from ..prompts import build_prompt, split_template
 from ..tasks import load_task
@@ -23,16 +24,14 @@ def record_bytes(shape: ModelShape, what: Iterable[str], n_prompts: int, tokens:
     attention weights (biases, a few thousand numbers, left out). Records are float32
     (half-precision models' records are widened); all records of one model share one stack of
     weights (cached on the model)."""
-    L, H, G, D, d = shape.n_layers, shape.n_heads, shape.n_kv_heads, shape.d_head, shape.d_model
-    P, T, B = positions, tokens, n_prompts
-    per = {"resid_pre": P * d, "attn_in": P * d, "attn_out": P * d, "resid_mid": P * d,
-           "mlp_in": P * d, "mlp_out": P * d, "q": P * H * D, "z": P * H * D,
-           "q_pre": P * H * D, "q_normed": P * H * D, "rot_cos": P * D, "rot_sin": P * D,
-           "k": T * G * D, "v": T * G * D, "scores": P * H * T, "pattern": P * H * T,
-           "head_out": P * H * d}
-    unknown = set(what) - set(per)
+    what = tuple(what)
+    unknown = set(what) - set(REGISTRY)
     if unknown:
         raise TraceError(f"record_bytes(what=...): unknown quantities {sorted(unknown)}")
+    sizes = Sizes(shape.d_model, shape.n_heads, shape.n_kv_heads, shape.d_head, tokens)
+    per = {w: REGISTRY[w].width(sizes) * (tokens if REGISTRY[w].layout == "key" else positions)
+           for w in what}
+    L, B = shape.n_layers, n_prompts
     n = L * B * sum(per[w] for w in what)
     n += attention_weight_count(shape) if weights else 0
     n += B * shape.d_vocab if logits else 0

@@ -27,10 +27,13 @@ def model_specs(config: Config, override: Any = None) -> dict[str, Any]:
                     "and report columns carry); give one of them a directory or file of "
                     "another name")
             specs[k] = spec
-    bad = [k for k in specs if not k or "__" in k or "/" in k]
+    # a key names OUT/provenance/KEY.json and is a field of every unit id (ids squeeze and hash
+    # values that are not plain, so '__' or spaces are safe; a path separator is not)
+    bad = [k for k in specs if not isinstance(k, str) or k in ("", ".", "..") or "/" in k
+           or "\\" in k or "\0" in k]
     if bad:
-        raise ExperimentError(f"model key {bad[0]!r}: keys name unit directories; use letters, "
-                              "digits, '-', '.' or single '_'")
+        raise ExperimentError(f"model key {bad[0]!r}: keys name files of the output directory; "
+                              "give a name without '/' or '\\'")
     return specs
 
 

@@ -11,7 +11,6 @@ from typing import Any
 
 from ..errors import FineTuneError
 
-
 METHODS = ("dai", "batch", "adam", "lcgd")
 
 

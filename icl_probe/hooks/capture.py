@@ -1,5 +1,6 @@
-"""Which hook each traced quantity is read from, and the forward hooks that keep it at the
-positions asked for: the registry of traced quantities (:data:`HOOKS`)."""
+"""The forward hooks that keep each traced quantity at the positions asked for, and where
+models need it, q, k and scores completed after the forward (the quantities themselves:
+:mod:`icl_probe.hooks.quantities`)."""
 
 from __future__ import annotations
 
@@ -14,42 +15,8 @@ from ..errors import TraceError
 from ..models import AttentionSpec, allowed_keys, attention_scores, attention_spec
 from ..models.architectures import gptj_phases, require_rotary_support, rotate_like_model
 from .gqa import expand_kv, group_mapping
+from .quantities import DERIVED, EXTRA, HOOKS
 from .weights import HALF
-
-
-# quantity -> (hook name template, layout); layout says how positions are selected:
-#   "query": (batch, pos, ...) gathered at the captured positions
-#   "key":   (batch, pos, kv_head, d_head) gathered at the key positions
-#   "row":   (batch, head, q_pos, k_pos) rows gathered at the captured positions
-HOOKS: dict[str, tuple[str, str]] = {
-    "resid_pre": ("blocks.{l}.hook_resid_pre", "query"),
-    "attn_in": ("blocks.{l}.attn.hook_in", "query"),
-    "q": ("blocks.{l}.attn.hook_rot_q", "query"),
-    "k": ("blocks.{l}.attn.hook_rot_k", "key"),
-    "v": ("blocks.{l}.attn.hook_v", "key"),
-    "scores": ("blocks.{l}.attn.hook_attn_scores", "row"),
-    "pattern": ("blocks.{l}.attn.hook_pattern", "row"),
-    "z": ("blocks.{l}.attn.hook_z", "query"),
-    "attn_out": ("blocks.{l}.attn.hook_out", "query"),
-    "resid_mid": ("blocks.{l}.hook_resid_mid", "query"),
-    "mlp_in": ("blocks.{l}.mlp.hook_in", "query"),
-    "mlp_out": ("blocks.{l}.mlp.hook_out", "query"),
-}
-
-
-# on request only: the pieces the model-space form of the implied update is built from
-EXTRA: dict[str, tuple[str, str]] = {
-    "q_pre": ("blocks.{l}.attn.hook_q", "query"),
-    "q_normed": ("blocks.{l}.attn.hook_q_normed", "query"),
-    "rot_cos": ("blocks.{l}.attn.hook_cos", "query"),
-    "rot_sin": ("blocks.{l}.attn.hook_sin", "query"),
-}
-
-
-DERIVED = {"head_out": "blocks.{l}.attn.hook_result"}
-
-
-QUANTITIES = tuple(HOOKS) + tuple(DERIVED)
 
 
 def hook_names(model: Any) -> tuple[dict[str, str], bool]:

@@ -40,13 +40,14 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ..errors import TraceError
-from ..models import attention_spec, check_layer, live_hooks
+from ..models import attention_spec, check_layer
 from ..models.compat import quiet_cache_rename
 from ..prompts import PromptPair
 from . import selfcheck
-from .capture import HOOKS, QUANTITIES, hook_names, logits_to_keep
-from .record import (AttentionRecord, check_batch_size, in_order, model_record, pad_stack,
-                     pad_to, resolve_layers)
+from .capture import hook_names, logits_to_keep
+from .quantities import HOOKS, QUANTITIES, fired_hooks
+from .record import (AttentionRecord, check_batch_size, in_order, model_record, pad_stack, pad_to,
+                     resolve_layers)
 from .selfcheck import fast_enabled
 from .tracing import trace
 from .weights import attention_weights
@@ -122,7 +123,7 @@ def _check_request(model: Any, what: tuple[str, ...], names: dict[str, str]) -> 
     if unknown:
         raise TraceError(f"trace_shared_prefix(what={list(what)}): unknown {unknown}; "
                          f"known: {list(HOOKS)}")
-    live = live_hooks(model)
+    live = fired_hooks(model)
     missing = [q for q in what if names[q] not in live]
     if missing:
         raise TraceError(f"trace_shared_prefix: this model has no live hook for {missing}")
@@ -144,7 +145,7 @@ def _prefix_pass(model: Any, ids: list[torch.Tensor], lengths: torch.Tensor, ord
     prefix_kv: dict[str, list[torch.Tensor]] = {q: [] for q in key_q}
     hooks = [(names[q].format(l=l), lambda x, hook=None, q=q: prefix_kv[q].append(x[:, :P]))
              for q in key_q for l in layer_list]
-    if names["scores"] in live_hooks(model):
+    if names["scores"] in fired_hooks(model):
         hooks.append((score_hook, lambda x, hook=None: slow_scores.append(x[0, :, n_c - 1])))
     with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
         keep1, kw1 = logits_to_keep(model, torch.tensor([n_c - 1]))  # logits: one position

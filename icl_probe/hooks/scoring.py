@@ -27,11 +27,12 @@ from typing import Any, Sequence
 
 import torch
 
-from ..models import check_layer, live_hooks
+from ..models import check_layer
 from ..models.compat import quiet_cache_rename
 from ..prompts import PromptPair
 from . import selfcheck
 from .capture import hook_names, logits_to_keep
+from .quantities import fired_hooks
 from .selfcheck import fast_enabled
 
 CANDIDATE_BATCH = 64
@@ -89,7 +90,7 @@ class _Probe:
         self.layer = check_layer(model)
         names, _ = hook_names(model)
         self.hook = names["scores"].format(l=self.layer) \
-            if names["scores"] in live_hooks(model) and self.layer >= 0 else None
+            if names["scores"] in fired_hooks(model) and self.layer >= 0 else None
         self.row = -1
         self.done = False
         self.slow: dict[str, torch.Tensor] = {}

@@ -57,7 +57,7 @@ records in float32, so that analyses downstream do not accumulate half-precision
 >>> pair = ip.build_prompt(model, "capital", query=0, k=2)
 >>> rec = ip.trace(model, [pair], what=("pattern", "z"))
 >>> rec.pattern.shape[:3]          # layer batch pos (the prediction position only)
-torch.Size([2, 1, 1])
+torch.Size([3, 1, 1])
 >>> rec["blocks.1.attn.hook_z"].shape   # one layer, TransformerLens name
 torch.Size([1, 1, 4, 12])
 """
@@ -71,12 +71,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import TraceError
-from ..models import attention_spec, live_hooks
+from ..models import attention_spec
 from ..prompts import PromptPair
-from .capture import DERIVED, EXTRA, HOOKS, QUANTITIES, _Capture, _plan, _q_normed_transform, \
-    hook_names, logits_to_keep
-from .record import AttentionRecord, check_batch_size, in_order, model_record, pad_stack, \
-    pad_to, resolve_layers
+from .capture import _Capture, _plan, _q_normed_transform, hook_names, logits_to_keep
+from .quantities import DERIVED, EXTRA, HOOKS, QUANTITIES, fired_hooks
+from .record import (AttentionRecord, check_batch_size, in_order, model_record, pad_stack, pad_to,
+                     resolve_layers)
 from .weights import HALF, attention_weights
 
 PositionSpec = str | Sequence[Any] | Callable[[PromptPair], Any]
@@ -195,7 +195,7 @@ def _capture_plan(model: Any, wanted: tuple[str, ...], default: bool, layer_list
     if default and spec.rotary_from == "unknown":  # default request: what exists
         captured = [w for w in captured if w not in ("q", "k") and
                     (w != "scores" or spec.scores_hooked)]
-    plan, missing = _plan(model, spec, captured, live_hooks(model))
+    plan, missing = _plan(model, spec, captured, fired_hooks(model))
     if missing and not default:
         names, _ = hook_names(model)
         template = {**names, **{q: t for q, (t, _) in EXTRA.items()}}[missing[0]]

@@ -16,8 +16,7 @@ from .cache import (CACHE_ENV, EMBEDDED_DIST, EMBEDDED_LABEL, GGUF_READ_ERRORS, 
 from .devices import Placement, available_devices, default_device, resolve_dtype
 from .hub import hub_snapshot, refuse_remote_code, remote_code
 from .load import load_model
-from .sizing import (ModelShape, available_memory, check_memory, model_key, model_layers,
-                     model_shape)
+from .sizing import ModelShape, available_memory, check_memory, model_key, model_layers, model_shape
 from .tiny import byte_tokenizer, tiny_hf_model, tiny_model
 
 __all__ = [

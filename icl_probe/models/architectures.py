@@ -44,14 +44,15 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import einops
 import torch
 from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
-from transformer_lens.model_bridge.generalized_components import (
-    AttentionBridge, JointQKVAttentionBridge, JointQKVPositionEmbeddingsAttentionBridge,
-    PositionEmbeddingsAttentionBridge)
+from transformer_lens.model_bridge.generalized_components import (AttentionBridge,
+                                                                  JointQKVAttentionBridge,
+                                                                  JointQKVPositionEmbeddingsAttentionBridge,
+                                                                  PositionEmbeddingsAttentionBridge)
 from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config
 from transformer_lens.utilities.hf_utils import get_rotary_pct_from_config
 
@@ -108,24 +109,36 @@ def check_bridgeable(hf_model: Any) -> None:
 # ------------------------------------------------------------------------------ live hooks
 
 
-def live_hooks(model: Any) -> frozenset[str]:
+def live_hooks(model: Any, also: Iterable[str] = ()) -> frozenset[str]:
     """Layer-0 hook names (as ``{l}`` templates) that actually fire on this model, plus
     ``"scores_are_pattern"`` when ``hook_attn_scores`` fires with the softmaxed pattern (bridges
     that delegate attention to the HF module fire it post hoc with the weights HF returns).
+    The hooks probed: those this module reads the architecture from, and ``also`` (the
+    trace's quantities, :mod:`icl_probe.hooks.quantities`, pass theirs).
 
-    Measured once with a two-token forward and remembered on the model."""
-    cached = model.__dict__.get("_icl_probe_live_hooks")
-    if cached is not None:
-        return cached
-    templates = ("blocks.{l}.hook_resid_pre", "blocks.{l}.ln1.hook_out",
-                 "blocks.{l}.hook_resid_mid", "blocks.{l}.attn.hook_in",
-                 "blocks.{l}.attn.hook_q", "blocks.{l}.attn.hook_k", "blocks.{l}.attn.hook_v",
-                 "blocks.{l}.attn.hook_rot_q", "blocks.{l}.attn.hook_rot_k",
-                 "blocks.{l}.attn.hook_q_normed", "blocks.{l}.attn.hook_cos",
-                 "blocks.{l}.attn.hook_sin", "blocks.{l}.attn.hook_attn_scores",
-                 "blocks.{l}.attn.hook_pattern", "blocks.{l}.attn.hook_z",
-                 "blocks.{l}.attn.hook_out", "blocks.{l}.mlp.hook_in", "blocks.{l}.mlp.hook_out",
-                 "blocks.{l}.hook_attn_out", "blocks.{l}.hook_mlp_out")
+    Measured once per set of templates with a two-token forward and remembered on the model."""
+    templates = tuple(dict.fromkeys(ARCHITECTURE_HOOKS + tuple(also)))
+    cache = model.__dict__.setdefault("_icl_probe_live_hooks", {})
+    if templates in cache:
+        return cache[templates]
+    fired = _fired(model, templates)
+    cache[templates] = fired
+    return fired
+
+
+# the hooks the architecture is read from (which q/k hooks fire, whether scores are hooked)
+ARCHITECTURE_HOOKS = ("blocks.{l}.hook_resid_pre", "blocks.{l}.ln1.hook_out",
+                      "blocks.{l}.hook_resid_mid", "blocks.{l}.attn.hook_in",
+                      "blocks.{l}.attn.hook_q", "blocks.{l}.attn.hook_k", "blocks.{l}.attn.hook_v",
+                      "blocks.{l}.attn.hook_rot_q", "blocks.{l}.attn.hook_rot_k",
+                      "blocks.{l}.attn.hook_q_normed", "blocks.{l}.attn.hook_cos",
+                      "blocks.{l}.attn.hook_sin", "blocks.{l}.attn.hook_attn_scores",
+                      "blocks.{l}.attn.hook_pattern", "blocks.{l}.attn.hook_z",
+                      "blocks.{l}.attn.hook_out", "blocks.{l}.mlp.hook_in", "blocks.{l}.mlp.hook_out",
+                      "blocks.{l}.hook_attn_out", "blocks.{l}.hook_mlp_out")
+
+
+def _fired(model: Any, templates: tuple[str, ...]) -> frozenset[str]:
     seen: dict[str, torch.Tensor] = {}
     hooks = []
     for t in templates:
@@ -141,8 +154,7 @@ def live_hooks(model: Any) -> frozenset[str]:
     if scores is not None and pattern is not None and scores.shape == pattern.shape and \
             torch.equal(scores, pattern):
         fired.add("scores_are_pattern")
-    model.__dict__["_icl_probe_live_hooks"] = frozenset(fired)
-    return model.__dict__["_icl_probe_live_hooks"]
+    return frozenset(fired)
 
 
 # ------------------------------------------------------------------------------ the spec

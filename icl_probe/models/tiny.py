@@ -52,7 +52,7 @@ _TINY_FAMILIES = {
 def tiny_hf_model(
     architecture: str = "llama",
     *,
-    n_layers: int = 2,
+    n_layers: int = 3,
     d_model: int = 48,
     n_heads: int = 4,
     n_key_value_heads: int = 2,
@@ -64,6 +64,10 @@ def tiny_hf_model(
 ) -> tuple[Any, Any]:
     """A tiny randomly initialised ``transformers`` causal LM and the byte tokenizer, not yet
     wrapped (the bridge rewires the model in place, after which ``save_pretrained`` fails).
+
+    The default sizes are all distinct (3 layers, 4 query heads over 2 key/value heads,
+    ``d_head`` 12, ``d_model`` 48, ``d_mlp`` 80), so that a test on the defaults fails when
+    two axes are swapped (a layer axis read as a key/value-head axis, say).
 
     ``architecture``: ``"llama"`` (grouped-query attention with ``n_key_value_heads`` groups,
     rotary, gated MLP), ``"mistral"`` (+ sliding window), ``"qwen2"`` (+ q/k/v biases),

@@ -19,7 +19,6 @@ from .mlp import _mlp_weight, mlp_first_layers, run_mlp
 from .result import ImpliedUpdates
 from .updates import _TRACE_WHAT, _linear_attention, _updates_from_records, model_space_trace_what
 
-
 MODEL_IDENTITY = "model identity"
 
 

@@ -8,7 +8,7 @@ what the model predicts with and without demonstrations.
 >>> list(view.layers.columns)
 ['layer', 'demo_mass', 'demo_mass_max_head', 'query_mass']
 >>> view.mass.shape     # layer head: attention mass on demonstrations at p
-torch.Size([2, 4])
+torch.Size([3, 4])
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import ProbeError
 
-
 _MlpDelta = Float[torch.Tensor, "d_mlp d_model"]
 
 

@@ -6,7 +6,7 @@
 >>> up = ip.implied_updates(model, [ip.build_prompt(model, "capital", query=0, k=2)])
 >>> fig = plots.probe_heatmap(up, "lambda")
 >>> fig.data[0].z.shape          # layer x head
-(2, 4)
+(3, 4)
 """
 
 from __future__ import annotations

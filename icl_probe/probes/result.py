@@ -13,7 +13,6 @@ from ..hooks import AttentionRecord, expand_kv
 from ..prompts import PromptPair
 from .mlp import _MlpDelta
 
-
 # Shapes of the results, in the glossary's axis names (jaxtyping; tests/test_shapes.py checks
 # them on a real result, and against the table in ImpliedUpdates' docstring). Aliases rather
 # than inline strings: pyflakes reads a string inside an annotation as Python.

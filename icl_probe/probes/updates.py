@@ -33,7 +33,7 @@ docs/science.md, Notation); the TransformerLens weights in the record are transp
 >>> pairs = [ip.build_prompt(model, "capital", query=q, k=3, seed=q) for q in range(2)]
 >>> up = ip.implied_updates(model, pairs, per_demo=True)
 >>> up.dW_icl.shape                      # layer batch head d_head d_head
-torch.Size([2, 2, 4, 12, 12])
+torch.Size([3, 2, 4, 12, 12])
 >>> bool((up.demo_terms.sum(2) - up.dW_icl).abs().max() < 1e-5)   # per-demo terms sum up
 True
 >>> sorted(up.table().quantity.unique())[:3]
@@ -48,15 +48,14 @@ import einops
 import torch
 
 from ..errors import ProbeError
-from ..hooks import (AttentionRecord, check_batch_size, expand_kv, grouped_einsum,
-                     resolve_layers, trace)
+from ..hooks import (AttentionRecord, check_batch_size, expand_kv, grouped_einsum, resolve_layers,
+                     trace)
 from ..models import attention_spec
 from ..models.architectures import rotate_like_model
 from ..prompts import PromptPair
 from .checks import check_pairs
 from .mlp import _mlp_weight, mlp_first_layers
 from .result import ImpliedUpdates
-
 
 _TRACE_WHAT = ("q", "k", "v", "pattern", "z", "mlp_in", "mlp_out")
 

@@ -22,10 +22,10 @@ from ...errors import CompareError, ConfigError, ExperimentError
 from ...gd import FineTuneConfig
 from ...html import esc
 from ...models import ModelShape
+from ..checks import need, task_sizes_by_split
 from ..labels import labeled_task, task_labels
 from ..settings import (all_baselines, baselines, boolean, integer, list_of, loss_tokens,
                         lrs_by_method, methods, position, protocol, setting, task_spec, text)
-from ..checks import need, task_sizes_by_split
 from ..sizing import (attention_weight_count, finetune_bytes, prompt_tokens, record_bytes,
                       trainable_count)
 from ..store import read_results, unit_finished
