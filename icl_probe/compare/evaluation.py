@@ -13,7 +13,7 @@ from ..prompts import PromptPair
 from . import metrics as M
 from .queries import _strip_label
 from .references import _kv_operator, _logits, _Refs
-from .vocabulary import ZS_BATCH, ZS_WHAT
+from .vocabulary import ZS_BATCH, ZS_WHAT, baseline_column
 
 
 def _kendall_positions(pair: PromptPair, loss_tokens: str) -> tuple[torch.Tensor, list[int]]:
@@ -58,12 +58,14 @@ def _evaluate(model: Any, refs: _Refs, fts: list[Any], cfg: FineTuneConfig, *, g
             rows_l.append({**keys, "query": pair.query, "layer": l,
                            **{name: float(x[li]) for name, x in per_layer["scalars"].items()},
                            **ken[li], "weight_cos": float(per_layer["w_cos"][li].mean()),
-                           "weight_cos|random_update": float(per_layer["w_rand"][li].mean()),
+                           baseline_column("weight_cos", "random_update"):
+                               float(per_layer["w_rand"][li].mean()),
                            "ft_diverged": ft.diverged or collapsed})
             for h, g in enumerate(icl.kv_head_of.tolist()):
                 rows_h.append({**keys, "query": pair.query, "layer": l, "head": h, "kv_head": g,
                                "weight_cos": float(per_layer["w_cos"][li, g]),
-                               "weight_cos|random_update": float(per_layer["w_rand"][li, g]),
+                               baseline_column("weight_cos", "random_update"):
+                                   float(per_layer["w_rand"][li, g]),
                                "ft_diverged": ft.diverged or collapsed})
     return rows_q, rows_l, rows_h
 
@@ -161,13 +163,14 @@ def _layer_similarities(refs: _Refs, b: int, ftr: Any, i: int, gen: torch.Genera
     w_rand = M._cos(dM_icl.flatten(-2), torch.randn(dM_gd.flatten(-2).shape, generator=gen,
                                                     dtype=torch.float64))
     scalars = {"SimAOU_norm": aou[True], "SimAOU": aou[False],
-               "SimAOU_norm|random_update": aou_rand[True],
-               "SimAOU|random_update": aou_rand[False],
-               "SimAOU_norm|uniform_random": aou_unif[True],
-               "SimAOU|uniform_random": aou_unif[False],
+               baseline_column("SimAOU_norm", "random_update"): aou_rand[True],
+               baseline_column("SimAOU", "random_update"): aou_rand[False],
+               baseline_column("SimAOU_norm", "uniform_random"): aou_unif[True],
+               baseline_column("SimAOU", "uniform_random"): aou_unif[False],
                "SimAM_before": sam["before"], "SimAM_after": sam["after"],
-               "SimAM_after|SimAM_before": sam["before"], "SimAM_delta": sam["delta"],
-               "SimAM_delta|random_update": sam_rand}
+               baseline_column("SimAM_after", "SimAM_before"): sam["before"],
+               "SimAM_delta": sam["delta"],
+               baseline_column("SimAM_delta", "random_update"): sam_rand}
     return {"scalars": scalars, "w_cos": w_cos, "w_rand": w_rand}
 
 
@@ -199,8 +202,9 @@ def _kendall_rows(refs: _Refs, b: int, ft: Any, ftr: Any, i: int, cfg: FineTuneC
             ex_w = torch.stack([w.sum() for w in icl_w.split(demo_lens)])
             ken_ex_rand = M.kendall_tau(ex_w, torch.rand(ex_w.shape, generator=gen,
                                                          dtype=torch.float64))
-        out.append({"Kendall": ken, "Kendall|uniform_random": ken_rand,
-                    "Kendall_example": ken_ex, "Kendall_example|uniform_random": ken_ex_rand})
+        out.append({"Kendall": ken, baseline_column("Kendall", "uniform_random"): ken_rand,
+                    "Kendall_example": ken_ex,
+                    baseline_column("Kendall_example", "uniform_random"): ken_ex_rand})
     return out
 
 

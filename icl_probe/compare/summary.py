@@ -10,9 +10,11 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from ..errors import CompareError
+from ..errors import CompareError, FineTuneError
+from ..gd import learning_rate
 from . import stats
-from .vocabulary import BASELINES, IN_RUN_BASELINES, LAYER_CI_METRICS, SIMILARITIES
+from .vocabulary import (BASELINES, IN_RUN_BASELINES, LAYER_CI_METRICS, SIMILARITIES,
+                         baseline_column, split_column)
 
 ANCHORS_FILE = Path(__file__).resolve().parent.parent / "data" / "anchors.csv"
 ANCHORS = pd.read_csv(ANCHORS_FILE, keep_default_na=False)
@@ -110,7 +112,7 @@ def summarise(per_query: pd.DataFrame, per_layer: pd.DataFrame, *, seed: int = 0
             lm = lm[(lm.task == key[0]) & (lm.method == key[1]) & (lm.lr == key[2])
                     & (lm.run == key[3])]
         for col in [c for c in lm.columns if c not in group_keys + ["seed", "query", "split"]]:
-            metric, _, b = col.partition("|")
+            metric, b = split_column(col)
             x = lm[col].to_numpy(float)
             rows.append({**base, "metric": metric, "baseline": b, "layer": -1,
                          "value": np.nanmean(x) if np.isfinite(x).any() else np.nan,
@@ -120,7 +122,7 @@ def summarise(per_query: pd.DataFrame, per_layer: pd.DataFrame, *, seed: int = 0
                        & (per_layer.lr == key[2]) & (per_layer.run == key[3])
                        & ~per_layer.ft_diverged] if len(per_layer) else per_layer
         for col in metric_cols:
-            metric, _, b = col.partition("|")
+            metric, b = split_column(col)
             with_ci = key[3] == "model" and not b and metric in LAYER_CI_METRICS
             for layer, x in pl.groupby("layer")[col]:
                 x = x.to_numpy(float)
@@ -160,7 +162,7 @@ def _differences(pq: pd.DataFrame, lm: pd.DataFrame, seed: int) -> pd.DataFrame:
             if metric not in ours_l:
                 continue
             for b in IN_RUN_BASELINES.get(metric, ()):
-                col = f"{metric}|{b}"
+                col = baseline_column(metric, b)
                 if col in ours_l:
                     m, lo, hi = stats.paired_difference(ours_l[metric], ours_l[col], seed=seed)
                     rows.append({**base, "metric": metric, "baseline": b, "value": m,
@@ -274,10 +276,15 @@ def lr_grid(lrs: Any, methods: Sequence[str]) -> dict[str, list[float]]:
         if unknown or missing:
             raise CompareError(f"lrs={lrs}: give rates for exactly the methods {list(methods)} "
                                f"(unknown {sorted(unknown)}, missing {sorted(missing)})")
-        out = {m: [float(x) for x in v] for m, v in lrs.items()}
+        given = {m: list(v) for m, v in lrs.items()}
     else:
-        out = {m: [float(x) for x in lrs] for m in methods}
-    for m, v in out.items():
-        if not v or any(not (0 < x < float("inf")) for x in v):
-            raise CompareError(f"lrs for {m}: {v}: expected positive finite rates")
+        given = {m: list(lrs) for m in methods}
+    out = {}
+    for m, v in given.items():
+        try:
+            if not v:
+                raise FineTuneError("no rate")
+            out[m] = [learning_rate(x, f"lrs for {m}") for x in v]  # the one rule for a rate
+        except FineTuneError:
+            raise CompareError(f"lrs for {m}: {v}: expected positive finite rates") from None
     return out

@@ -40,3 +40,19 @@ ZS_BATCH = 32  # zero-shot prompts are short: larger batches cost little memory
 
 
 ZS_WHAT = ("q", "k", "v", "scores", "attn_out")
+
+
+def baseline_column(metric: str, baseline: str) -> str:
+    """The per-layer table's column holding an in-run baseline's value beside ``metric``
+    (``SimAOU_norm|random_update``). Per-layer tables stay wide, one row per (query, layer),
+    and are written to disk as earlier releases wrote them, so their output directories
+    resume; :func:`split_column` reads the name back, and the summary is tidy (``metric`` and
+    ``baseline`` columns)."""
+    return f"{metric}|{baseline}"
+
+
+def split_column(column: str) -> tuple[str, str]:
+    """``(metric, baseline)`` of a per-layer column (``baseline`` is ``""`` for the metric's
+    own value)."""
+    metric, _, baseline = column.partition("|")
+    return metric, baseline

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import math
 from dataclasses import field
 from pathlib import Path
 from typing import Any, Callable
@@ -14,8 +13,8 @@ from typing import Any, Callable
 from huggingface_hub import try_to_load_from_cache
 
 from ..compare import BASELINES, POSITIONS, PROTOCOLS
-from ..errors import ConfigError, IclProbeError
-from ..gd import LOSS_TOKENS, METHODS
+from ..errors import ConfigError, FineTuneError, IclProbeError
+from ..gd import LOSS_TOKENS, METHODS, learning_rate
 from ..tasks import load_task
 
 
@@ -29,9 +28,11 @@ def integer(lo: int = 0) -> Callable:
 
 
 def rate(v: Any, where: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < math.inf):
-        raise ConfigError(f"{where} = {v!r}: expected a positive finite number")
-    return float(v)
+    """A learning rate, by the one rule every caller uses (:func:`icl_probe.gd.learning_rate`)."""
+    try:
+        return learning_rate(v, where)
+    except FineTuneError:
+        raise ConfigError(f"{where} = {v!r}: expected a positive finite number") from None
 
 
 def boolean(v: Any, where: str) -> bool:
