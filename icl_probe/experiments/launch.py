@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -63,6 +64,7 @@ def run_shard(config: Config, out: str, index: int, count: int, *, model_name: s
 
 
 POLL_S = 1.0  # how often the waiting process looks for newly finished units
+CANCEL_GRACE_S = 5.0  # how long interrupted local jobs get to stop on SIGINT before a kill
 
 
 def slurm_executor(folder: Path, name: str, options: dict, n_tasks: int, parallel: int) -> Any:
@@ -230,6 +232,28 @@ def _submit_slurm(config: Config, out: Path, args: list, kw: dict, slurm: dict |
     return submitted, report_job
 
 
+def _cancel(jobs: list, *, local: bool) -> None:
+    """Cancel every job. A local job is a subprocess that submitit stops with SIGINT, which it
+    never sees where SIGINT is ignored (processes started in the background inherit that) or
+    when the signal arrives while it is still starting: local jobs still running after
+    :data:`CANCEL_GRACE_S` are killed. A killed unit leaves no finished unit behind (units
+    are written atomically)."""
+    for j in jobs:
+        j.cancel(check=False)
+    if not local:
+        return
+    # where this process ignores SIGINT, its subprocesses inherited that: no grace
+    grace = 0.0 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN else CANCEL_GRACE_S
+    deadline = time.time() + grace
+    while time.time() < deadline and not all(j.done() for j in jobs):
+        time.sleep(POLL_S / 4)
+    for j in jobs:
+        process = getattr(j, "_process", None)  # submitit's LocalJob keeps its Popen here
+        if not j.done() and process is not None:
+            process.kill()
+            process.wait()
+
+
 def _wait(config: Config, out: Path, submitted: list, shards: list[int], units: list[str],
           jobs: int, launcher: str, rebuild: Rebuilder) -> dict:
     """Follow the jobs to their end (cancelled on an interrupt), rebuild the report, and
@@ -237,8 +261,7 @@ def _wait(config: Config, out: Path, submitted: list, shards: list[int], units: 
     try:
         _watch(submitted, out, units, config.name)
     except KeyboardInterrupt:
-        for j in submitted:
-            j.cancel(check=False)
+        _cancel(submitted, local=launcher == "local")
         raise
     failed = _failures(submitted, shards, jobs)
     path = rebuild(out)

@@ -75,6 +75,7 @@ class Section:
     Unit: ClassVar[type[Unit]]
     uses_model: ClassVar[bool] = True  # False: trains its own small models, no language model
     summary_table: ClassVar[str | None] = None  # the table written to OUT/summary.csv
+    per_model: ClassVar[bool] = True  # the report shows one block per model
 
     def units(self, s: Any) -> list[Unit]:
         """Every unit of the settings ``s``, without a model (the runner puts each on every
@@ -111,8 +112,6 @@ class Section:
     def intro(self, values: dict, tabs: dict[str, pd.DataFrame]) -> str:
         """HTML said once above the section's tables (every piece of text escaped)."""
         return ""
-
-    per_model: ClassVar[bool] = True  # the report shows one block per model
 
     def tables(self, tabs: dict[str, pd.DataFrame]) -> list[tuple[str, Any]]:
         """``(title, DataFrame or VerdictTable)`` for the report; by default the head of each
