@@ -6,6 +6,8 @@ Above :mod:`icl_probe.hooks`; beside :mod:`icl_probe.probes`, which it never imp
 (docs/architecture.md).
 """
 
+from .epochs import (OPTIMIZERS, SUB_MODEL_LAYERS, EpochFineTune, EpochRun, finetune_epochs,
+                     resolve_params, sub_model_layer)
 from .params import (PROJECTIONS, Projection, attention_projections, canonical_name,
                      named_parameters, parameter_layers, split_projections, trainable_parameters)
 from .result import FineTune, FineTunedModel
@@ -14,7 +16,9 @@ from .settings import (COLLAPSE_STD, DIVERGENCE_FACTOR, LOSS_TOKENS, METHODS, PA
 from .training import finetune, finetune_sweep, is_collapsed
 
 __all__ = [
-    "COLLAPSE_STD", "DIVERGENCE_FACTOR", "FineTune", "FineTuneConfig", "FineTunedModel",
+    "COLLAPSE_STD", "DIVERGENCE_FACTOR", "EpochFineTune", "EpochRun", "FineTune",
+    "FineTuneConfig", "FineTunedModel", "OPTIMIZERS", "SUB_MODEL_LAYERS", "finetune_epochs",
+    "resolve_params", "sub_model_layer",
     "LOSS_TOKENS", "METHODS", "PARAM_SETS", "PROJECTIONS", "Projection", "RISE_FACTOR",
     "as_config", "as_configs", "attention_projections", "canonical_name", "finetune",
     "finetune_sweep", "is_collapsed", "learning_rate", "named_parameters", "parameter_layers",
