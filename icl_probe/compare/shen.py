@@ -1,0 +1,172 @@
+"""Shen et al.'s curves over epochs (REFERENCE §6): ICL against a fine-tune read at every
+checkpoint of one run, each beside the ICL-vs-ICL-reordered reference that a GD curve is read
+against; and order sensitivity over epochs (docs/protocol.md, Shen et al.).
+
+**Protocol** (our choices, each a parameter): one demonstration set per (task, N, seed), as in
+the shared protocol (:func:`~icl_probe.compare.demonstrations`). It is shown to every test
+query (ICL), and one fine-tune of each setting trains on it, read at each checkpoint on every
+query's zero-shot prompt (GD). The reference runs ICL with the same demonstrations in another
+order, drawn with the seed.
+
+**Metrics**, per query at the prediction position, then the mean over queries with a 95 %
+bootstrap interval:
+
+- ``accuracy``: the argmax over the whole vocabulary is the gold answer's first token;
+- ``token_overlap``: ``|Top10(p_ICL) ∩ Top10(p)| / 10``;
+- ``overlap_cosine``: the cosine of the two distributions on the tokens both top-10 sets hold.
+
+``method`` is ``icl`` (accuracy only), ``icl_reordered`` (the reference: ICL with the
+demonstrations reordered, against ICL), or a fine-tune setting's name.
+
+>>> import icl_probe as ip
+>>> from icl_probe.gd import EpochFineTune
+>>> model = ip.tiny_model()
+>>> t = shen_curves(model, "capital", n_demos=2, queries=3, lrs=[1e-2], eval_every=2,
+...                 methods=[EpochFineTune(params="v:mid", epochs=2)])
+>>> sorted(t.method.unique()), sorted(t.metric.unique())
+(['icl', 'icl_reordered', 'sgd[full][v:mid]'], ['accuracy', 'overlap_cosine', 'token_overlap'])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..errors import CompareError
+from ..gd import EpochFineTune, finetune_epochs
+from ..hooks import trace, trace_shared_prefix
+from ..prompts import PromptPair, build_prompt
+from ..tasks import load_task
+from . import stats
+from .metrics import order_sensitivity, overlap_cosine, top_overlap
+from .queries import demonstrations, resolve_queries
+
+SHEN_METRICS = ("accuracy", "token_overlap", "overlap_cosine")
+ZS_BATCH = 32
+
+
+def shen_curves(model: Any, task: Any, *, n_demos: int, methods: Sequence[EpochFineTune],
+                lrs: Sequence[float], queries: Any = 8, seed: int = 0, eval_every: int = 1,
+                ci_seed: int = 0) -> pd.DataFrame:
+    """The tidy table of Fig. 5: one row per (method, lr, epoch, metric) with ``value``,
+    ``ci_low``, ``ci_high`` and ``n``, plus the ``icl`` and ``icl_reordered`` rows (no lr, no
+    epoch), for ``n_demos`` demonstrations of ``task`` (see the module docstring)."""
+    task = load_task(task)
+    pairs, reordered = _prompt_sets(model, task, n_demos, queries, seed)
+    p_icl = _probs(model, pairs, "icl")
+    p_re = _probs(model, reordered, "icl")
+    gold = [p.target_id for p in pairs]
+    rows = [*_summary_rows({"method": "icl"}, {"accuracy": _accuracy(p_icl, gold)}, ci_seed),
+            *_summary_rows({"method": "icl_reordered"}, _against(p_icl, p_re, gold), ci_seed)]
+    for cfg in methods:
+        for lr in lrs:
+            run_cfg = dataclasses.replace(cfg, lr=lr)
+            keys = {"method": run_cfg.name, "params": cfg.params, "optimizer": cfg.optimizer,
+                    "batch_size": cfg.batch_size, "lr": lr}
+
+            def read(epoch: int, trained: Any) -> None:
+                per_query = _against(p_icl, _probs(trained, pairs, "zs"), gold)
+                rows.extend(_summary_rows({**keys, "epoch": epoch}, per_query, ci_seed))
+
+            run = finetune_epochs(model, pairs[0], run_cfg, eval_every=eval_every,
+                                  checkpoint=read, seed=seed)
+            if run.diverged_at is not None:
+                rows.append({**keys, "epoch": run.diverged_at, "metric": "diverged",
+                             "value": 1.0, "n": len(pairs)})
+    return pd.DataFrame(rows)
+
+
+def order_curves(model: Any, task: Any, *, n_demos: int, methods: Sequence[EpochFineTune],
+                 lrs: Sequence[float], orderings: int = 10, queries: Any = 4, seed: int = 0,
+                 eval_every: int = 1, ci_seed: int = 0) -> pd.DataFrame:
+    """Fig. 4: order sensitivity (:func:`~icl_probe.compare.metrics.order_sensitivity` over
+    ``orderings`` orderings of one demonstration set) per query, mean over queries with a 95 %
+    interval: one row for ICL, and per (method, lr, epoch) for each fine-tune, trained once
+    per ordering with checkpoints."""
+    if not isinstance(orderings, int) or orderings < 2:
+        raise CompareError(f"order_curves(orderings={orderings!r}): expected an integer >= 2")
+    task = load_task(task)
+    pairs, _ = _prompt_sets(model, task, n_demos, queries, seed)
+    gen = random.Random(seed)
+    perms = [list(range(n_demos))] + [gen.sample(range(n_demos), n_demos)
+                                      for _ in range(orderings - 1)]
+    ordered = [[build_prompt(model, task, p.query, demos=[p.demos[i] for i in perm], seed=seed)
+                for p in pairs] for perm in perms]
+    icl = torch.stack([_probs(model, o, "icl") for o in ordered])  # ordering query d_vocab
+    rows = _summary_rows({"method": "icl"}, {"order_sensitivity": _spread(icl)}, ci_seed)
+    for cfg in methods:
+        for lr in lrs:
+            run_cfg = dataclasses.replace(cfg, lr=lr)
+            per_epoch: dict[int, list[torch.Tensor]] = {}
+            for o in ordered:
+                finetune_epochs(model, o[0], run_cfg, eval_every=eval_every, seed=seed,
+                                checkpoint=lambda epoch, m, o=o: per_epoch.setdefault(
+                                    epoch, []).append(_probs(m, o, "zs")))
+            keys = {"method": run_cfg.name, "params": cfg.params, "optimizer": cfg.optimizer,
+                    "batch_size": cfg.batch_size, "lr": lr}
+            for epoch, probs in sorted(per_epoch.items()):
+                if len(probs) == orderings:  # a diverged ordering leaves the epoch out
+                    rows += _summary_rows({**keys, "epoch": epoch},
+                                          {"order_sensitivity": _spread(torch.stack(probs))},
+                                          ci_seed)
+    return pd.DataFrame(rows)
+
+
+def _prompt_sets(model: Any, task: Any, n_demos: int, queries: Any, seed: int
+                 ) -> tuple[list[PromptPair], list[PromptPair]]:
+    """The ICL prompts of the test queries with the seed's demonstration set, and the same
+    prompts with the demonstrations in another order (a seeded permutation that moves at
+    least one demonstration; with one demonstration there is no other order)."""
+    query_idx = resolve_queries(task, queries, "test")
+    demos = demonstrations(task, n_demos, seed, exclude=query_idx)
+    perm = list(range(n_demos))
+    rng = random.Random(seed + 1)
+    while n_demos > 1 and perm == list(range(n_demos)):
+        rng.shuffle(perm)
+    pairs = [build_prompt(model, task, q, demos=demos, seed=seed) for q in query_idx]
+    reordered = [build_prompt(model, task, q, demos=[demos[i] for i in perm], seed=seed)
+                 for q in query_idx]
+    return pairs, reordered
+
+
+def _probs(model: Any, pairs: list[PromptPair], kind: str) -> torch.Tensor:
+    """Each prompt's output distribution over the vocabulary at the prediction position
+    (query d_vocab, float64)."""
+    if kind == "icl" and len(pairs) > 1:
+        logits = trace_shared_prefix(model, pairs, what=("attn_out",), layers=[0]).logits
+    else:
+        logits = trace(model, pairs, kind=kind, what=("attn_out",), layers=[0],
+                       batch_size=ZS_BATCH).logits
+    return torch.softmax(logits.double(), -1)
+
+
+def _accuracy(p: torch.Tensor, gold: list[int]) -> np.ndarray:
+    return (p.argmax(-1) == torch.tensor(gold)).double().numpy()
+
+
+def _against(p_icl: torch.Tensor, p: torch.Tensor, gold: list[int]) -> dict[str, np.ndarray]:
+    """Per query: the accuracy of ``p``, and its token overlap and overlap cosine with ICL."""
+    return {"accuracy": _accuracy(p, gold),
+            "token_overlap": np.array([top_overlap(a, b) for a, b in zip(p_icl, p)]),
+            "overlap_cosine": np.array([overlap_cosine(a, b) for a, b in zip(p_icl, p)])}
+
+
+def _spread(probs: torch.Tensor) -> np.ndarray:
+    """Order sensitivity per query of (ordering query d_vocab) distributions."""
+    return np.array([order_sensitivity(probs[:, q]) for q in range(probs.shape[1])])
+
+
+def _summary_rows(keys: dict, per_query: dict[str, np.ndarray], seed: int) -> list[dict]:
+    rows = []
+    for metric, x in per_query.items():
+        lo, hi = stats.bootstrap_ci(x, seed=seed)
+        finite = np.isfinite(x)
+        rows.append({**keys, "metric": metric,
+                     "value": float(x[finite].mean()) if finite.any() else float("nan"),
+                     "ci_low": lo, "ci_high": hi, "n": int(finite.sum())})
+    return rows
