@@ -20,6 +20,11 @@ REDUCED = {
     "linear_attention": dict(line_search_tasks=300, eigen_tasks=100, steps=20, batch_size=64,
                              eval_every=10),
     "real_heads": dict(tasks=["capital"], prompts=2, k=2),
+    "shen": dict(tasks=["capital"], n_demos=[1, 2], queries=2, eval_every=2, orderings=2,
+                 order_n_demos=2, order_queries=1, sparsity_thresholds=[1e-2, 1e-4],
+                 methods=[dict(name="gd_mid", params="v:mid", epochs=2, lrs=[1e-2])],
+                 order_methods=[dict(name="gd_full", epochs=2, lrs=[1e-2]),
+                                dict(name="sgd_b1", batch_size=1, epochs=2, lrs=[1e-2])]),
 }
 
 
@@ -60,6 +65,13 @@ def test_each_section_runs_and_reports(tiny, tmp_path, section):
     if section == "order_sensitivity":
         os_ = results[section]["order_sensitivity"]
         assert (os_[os_.run == "batch"].order_sensitivity == 0).all()
+    if section == "shen":
+        curves, order = pd.read_csv(out / "shen_curves.csv"), pd.read_csv(out / "shen_order.csv")
+        assert (out / "shen_sparsity.csv").is_file()
+        assert {"icl", "icl_reordered", "gd_mid"} <= set(curves.method)
+        assert set(curves[curves.method == "gd_mid"].epoch) == {2.0}  # eval_every 2 of 2
+        assert (order[order.method == "gd_full"].value == 0).all()  # full batch: exactly 0
+        assert "Fig. 2" in page and "Fig. 4" in page and "Fig. 5" in page
 
 
 def test_interrupted_run_resumes_without_redoing_units(tiny, tmp_path):
@@ -125,6 +137,24 @@ def _toml(tmp_path, text):
      r"model = '/nonexistent/m.gguf': no such file"),
     ('[experiment]\nsections = ["real_heads"]\nmodel = "no-such-org/no-such-model"',
      r"not in the local Hugging Face cache"),
+    # Shen et al.'s typed tables: each new key is checked before any load
+    ('[experiment]\nsections = ["shen"]\n[[shen.methods]]\nname = "a"\nparam = "all"',
+     r"\[shen\] methods\[0\] has no key 'param' \(did you mean 'params'\?\)"),
+    ('[experiment]\nsections = ["shen"]\n[[shen.methods]]\nparams = "all"',
+     r"methods\[0\]: needs a key 'name'"),
+    ('[experiment]\nsections = ["shen"]\n[[shen.methods]]\nname = "a"\nparams = "v:middle"',
+     r"params = 'v:middle': expected one of"),
+    ('[experiment]\nsections = ["shen"]\n[[shen.methods]]\nname = "a"\noptimizer = "rmsprop"',
+     r"optimizer = 'rmsprop': expected one of \['sgd', 'adam'\]"),
+    ('[experiment]\nsections = ["shen"]\n[[shen.order_methods]]\nname = "a"\nbatch_size = -1',
+     r"order_methods\[0\] batch_size = -1: expected an integer >= 0"),
+    ('[experiment]\nsections = ["shen"]\n[[shen.methods]]\nname = "a"\nlrs = [0.0]',
+     r"lrs\[0\] = 0.0: expected a positive finite number"),
+    ('[experiment]\nsections = ["shen"]\n[[shen.methods]]\nname = "a"\n'
+     '[[shen.order_methods]]\nname = "a"', r"both named 'a'"),
+    ('[experiment]\nsections = ["shen"]\n[shen]\nmethods = "gd"', r"expected a list of tables"),
+    ('[experiment]\nsections = ["shen"]\n[shen]\norderings = 1', r"orderings = 1: expected an "
+     r"integer >= 2"),
 ])
 def test_config_errors_name_the_key_and_come_before_any_model_load(tmp_path, text, match):
     import time

@@ -52,17 +52,19 @@ ZS_BATCH = 32
 
 def shen_curves(model: Any, task: Any, *, n_demos: int, methods: Sequence[EpochFineTune],
                 lrs: Sequence[float], queries: Any = 8, seed: int = 0, eval_every: int = 1,
-                ci_seed: int = 0) -> pd.DataFrame:
+                ci_seed: int = 0, references: bool = True) -> pd.DataFrame:
     """The tidy table of Fig. 5: one row per (method, lr, epoch, metric) with ``value``,
-    ``ci_low``, ``ci_high`` and ``n``, plus the ``icl`` and ``icl_reordered`` rows (no lr, no
-    epoch), for ``n_demos`` demonstrations of ``task`` (see the module docstring)."""
+    ``ci_low``, ``ci_high`` and ``n``, plus (``references``) the ``icl`` and
+    ``icl_reordered`` rows (no lr, no epoch), for ``n_demos`` demonstrations of ``task`` (see
+    the module docstring)."""
     task = load_task(task)
     pairs, reordered = _prompt_sets(model, task, n_demos, queries, seed)
     p_icl = _probs(model, pairs, "icl")
     p_re = _probs(model, reordered, "icl")
     gold = [p.target_id for p in pairs]
     rows = [*_summary_rows({"method": "icl"}, {"accuracy": _accuracy(p_icl, gold)}, ci_seed),
-            *_summary_rows({"method": "icl_reordered"}, _against(p_icl, p_re, gold), ci_seed)]
+            *_summary_rows({"method": "icl_reordered"}, _against(p_icl, p_re, gold), ci_seed)
+            ] if references else []
     for cfg in methods:
         for lr in lrs:
             run_cfg = dataclasses.replace(cfg, lr=lr)
@@ -83,11 +85,12 @@ def shen_curves(model: Any, task: Any, *, n_demos: int, methods: Sequence[EpochF
 
 def order_curves(model: Any, task: Any, *, n_demos: int, methods: Sequence[EpochFineTune],
                  lrs: Sequence[float], orderings: int = 10, queries: Any = 4, seed: int = 0,
-                 eval_every: int = 1, ci_seed: int = 0) -> pd.DataFrame:
+                 eval_every: int = 1, ci_seed: int = 0, references: bool = True
+                 ) -> pd.DataFrame:
     """Fig. 4: order sensitivity (:func:`~icl_probe.compare.metrics.order_sensitivity` over
     ``orderings`` orderings of one demonstration set) per query, mean over queries with a 95 %
-    interval: one row for ICL, and per (method, lr, epoch) for each fine-tune, trained once
-    per ordering with checkpoints."""
+    interval: one row for ICL (``references``), and per (method, lr, epoch) for each
+    fine-tune, trained once per ordering with checkpoints."""
     if not isinstance(orderings, int) or orderings < 2:
         raise CompareError(f"order_curves(orderings={orderings!r}): expected an integer >= 2")
     task = load_task(task)
@@ -97,8 +100,10 @@ def order_curves(model: Any, task: Any, *, n_demos: int, methods: Sequence[Epoch
                                       for _ in range(orderings - 1)]
     ordered = [[build_prompt(model, task, p.query, demos=[p.demos[i] for i in perm], seed=seed)
                 for p in pairs] for perm in perms]
-    icl = torch.stack([_probs(model, o, "icl") for o in ordered])  # ordering query d_vocab
-    rows = _summary_rows({"method": "icl"}, {"order_sensitivity": _spread(icl)}, ci_seed)
+    rows = []
+    if references:
+        icl = torch.stack([_probs(model, o, "icl") for o in ordered])  # ordering query d_vocab
+        rows = _summary_rows({"method": "icl"}, {"order_sensitivity": _spread(icl)}, ci_seed)
     for cfg in methods:
         for lr in lrs:
             run_cfg = dataclasses.replace(cfg, lr=lr)

@@ -5,8 +5,9 @@ or raises :class:`~icl_probe.errors.ConfigError` naming the file, the key and th
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
-from dataclasses import field
+from dataclasses import MISSING, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -89,6 +90,42 @@ def list_of(item: Callable, *, nonempty: bool = True) -> Callable:
     return check
 
 
+def tables_of(cls: type, *, nonempty: bool = True) -> Callable:
+    """A list of TOML tables (``[[section.key]]``), each checked as the frozen dataclass
+    ``cls`` whose fields are made with :func:`setting`: unknown keys are named with the nearest
+    valid one, each value goes through its field's check, and defaults are filled in. The
+    value is the list of checked dicts (``cls(**d)`` builds each)."""
+    fields_ = {f.name: f for f in dataclasses.fields(cls)}
+
+    def check(v: Any, where: str) -> list[dict]:
+        if not isinstance(v, list) or not all(isinstance(x, dict) for x in v):
+            raise ConfigError(f"{where} = {v!r}: expected a list of tables, written "
+                              f"[[...]] in TOML, with keys {', '.join(fields_)}")
+        if nonempty and not v:
+            raise ConfigError(f"{where}: expected at least one table")
+        out = []
+        for i, table in enumerate(v):
+            w = f"{where}[{i}]"
+            for key in table:
+                if key not in fields_:
+                    near = difflib.get_close_matches(key, list(fields_), n=1)
+                    raise ConfigError(f"{w} has no key {key!r}"
+                                      + (f" (did you mean {near[0]!r}?)" if near else "")
+                                      + f"; valid keys: {', '.join(fields_)}")
+            checked = {}
+            for name, f in fields_.items():
+                default = f.default_factory() if f.default_factory is not MISSING else f.default
+                if name in table:
+                    checked[name] = f.metadata["check"](table[name], f"{w} {name}")
+                elif default is MISSING:
+                    raise ConfigError(f"{w}: needs a key {name!r}")
+                else:
+                    checked[name] = default
+            out.append(checked)
+        return out
+    return check
+
+
 def example(item: Callable) -> str:
     return {"task_spec": '"sentiment"', "rate": "1e-3"}.get(getattr(item, "__name__", ""), "...")
 
@@ -145,8 +182,12 @@ def sbatch_options(v: Any, where: str) -> dict:
     return v
 
 
-def setting(check: Callable, default: Any = None, factory: Callable | None = None) -> Any:
-    """A config key: its check (value, where) -> value, and its default."""
+def setting(check: Callable, default: Any = None, factory: Callable | None = None, *,
+            required: bool = False) -> Any:
+    """A config key: its check (value, where) -> value, and its default (``required``: none;
+    only for the fields of tables checked by :func:`tables_of`)."""
+    if required:
+        return field(metadata={"check": check})
     if factory is None and isinstance(default, (list, dict)):
         factory = (lambda d: lambda: copy.deepcopy(d))(default)
     if factory is not None:

@@ -162,8 +162,9 @@ def _section_html(config: Config, out: Path, name: str, tabs: dict[str, pd.DataF
     section has one), its intro, then its tables and figures, per model where it says so."""
     section = SECTIONS[name]
     tabs.update(section.summarise(tabs))
-    if section.summary_table is not None and section.summary_table in tabs:
-        write_csv(out / "summary.csv", tabs[section.summary_table])
+    for table, file in section.output_files.items():
+        if table in tabs:
+            write_csv(out / file, tabs[table])
     parts = [section.intro(config.section(name), tabs)]
     blocks = _by_model(tabs) if section.per_model else [(None, tabs)]
     for model, block in blocks:

@@ -7,6 +7,7 @@ from .implied_updates import ImpliedUpdates
 from .linear_attention import LinearAttention
 from .order_sensitivity import OrderSensitivity
 from .real_heads import RealHeads
+from .shen import Shen
 
 SECTIONS: dict[str, Section] = {s.name: s for s in (
     IclVsGd(),
@@ -14,6 +15,7 @@ SECTIONS: dict[str, Section] = {s.name: s for s in (
     OrderSensitivity(),
     LinearAttention(),
     RealHeads(),
+    Shen(),
 )}
 
 __all__ = ["Memory", "SECTIONS", "Section", "Unit", "VerdictTable", "icl_vs_gd_summary",

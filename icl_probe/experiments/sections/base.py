@@ -74,7 +74,8 @@ class Section:
     Settings: ClassVar[type]
     Unit: ClassVar[type[Unit]]
     uses_model: ClassVar[bool] = True  # False: trains its own small models, no language model
-    summary_table: ClassVar[str | None] = None  # the table written to OUT/summary.csv
+    # tables written beside the report, as OUT/<file>: {table name: file name}
+    output_files: ClassVar[dict[str, str]] = {}
     per_model: ClassVar[bool] = True  # the report shows one block per model
 
     def units(self, s: Any) -> list[Unit]:

@@ -73,7 +73,7 @@ class IclVsGd(Section):
     name = "icl_vs_gd"
     Settings = IclVsGdSettings
     Unit = IclVsGdUnit
-    summary_table = "summary"
+    output_files = {"summary": "summary.csv"}
     per_model = False  # the tables set the models side by side
 
     def units(self, c: IclVsGdSettings) -> list[IclVsGdUnit]:

@@ -1,0 +1,102 @@
+"""The figures of the ``shen`` section, laid out as Shen et al.'s: Fig. 2 (sparsity against
+the threshold beside the construction's requirement), Fig. 4 (order sensitivity over epochs)
+and Fig. 5 (a grid of metrics by GD variant over epochs, ICL and ICL-reordered as lines)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from ...compare import SHEN_METRICS
+
+_DASH = {"icl": "solid", "icl_reordered": "dash"}
+
+
+def figures(tabs: dict[str, pd.DataFrame]) -> list[Any]:
+    figs = []
+    if "sparsity" in tabs:
+        figs.append(_sparsity(tabs["sparsity"]))
+    if "order" in tabs:
+        figs += [_order(d, task) for task, d in tabs["order"].groupby("task", sort=False)]
+    if "curves" in tabs:
+        figs += [_curves(d, task, n) for (task, n), d in
+                 tabs["curves"].groupby(["task", "n_demos"], sort=False)]
+    return figs
+
+
+def _sparsity(s: pd.DataFrame) -> Any:
+    """Fig. 2: the fraction of entries below the threshold, mean over layers and heads, per
+    matrix; absolute (|w| < t) and relative (|w| < t·max|w|) side by side; dotted: what the
+    construction needs."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["absolute: |w| < t",
+                                                        "relative: |w| < t·max|w|"],
+                        shared_yaxes=True)
+    for j, mode in enumerate(("absolute", "relative"), 1):
+        d = s[s["mode"] == mode].groupby(["matrix", "threshold"], as_index=False).agg(
+            frac=("frac_below", "mean"), need=("construction_zeros", "first"))
+        for matrix, g in d.groupby("matrix"):
+            fig.add_trace(go.Scatter(x=g.threshold, y=g.frac, mode="lines+markers",
+                                     name=matrix, legendgroup=matrix, showlegend=j == 1),
+                          row=1, col=j)
+            fig.add_trace(go.Scatter(x=g.threshold, y=g.need, mode="lines",
+                                     line=dict(dash="dot", width=1), name=f"{matrix} needed",
+                                     legendgroup=matrix, showlegend=j == 1), row=1, col=j)
+    fig.update_xaxes(type="log", title_text="threshold t")
+    fig.update_yaxes(title_text="fraction below t", range=[0, 1.02], row=1, col=1)
+    fig.update_layout(title="Fig. 2: sparsity of W_Q / W_K / W_V (mean over layers and heads)"
+                            " beside the GD construction's requirement", height=420)
+    return fig
+
+
+def _order(d: pd.DataFrame, task: str) -> Any:
+    """Fig. 4: order sensitivity against the epoch, one curve per (method, lr) with its
+    interval; ICL as a horizontal line."""
+    fig = go.Figure()
+    icl = d[d.method == "icl"]
+    for (method, lr), g in d[d.method != "icl"].groupby(["method", "lr"], sort=False):
+        g = g.sort_values("epoch")
+        fig.add_trace(go.Scatter(x=g.epoch, y=g.value, mode="lines+markers",
+                                 name=f"{method} (lr {lr:g})",
+                                 error_y=dict(type="data", symmetric=False,
+                                              array=g.ci_high - g.value,
+                                              arrayminus=g.value - g.ci_low)))
+    if len(icl):
+        fig.add_hline(y=float(icl.value.iloc[0]), line=dict(color="black", width=2),
+                      annotation_text="ICL")
+    fig.update_layout(title=f"Fig. 4 ({task}, N = {int(d.n_demos.iloc[0])}): order "
+                            "sensitivity over epochs (std of p(token) across orderings, summed "
+                            "over the vocabulary; mean over queries, 95 % interval)",
+                      xaxis_title="epoch", yaxis_title="order sensitivity", height=420)
+    return fig
+
+
+def _curves(d: pd.DataFrame, task: str, n_demos: int) -> Any:
+    """Fig. 5: rows accuracy / token overlap / overlap cosine, one column per GD variant, x =
+    epoch, one curve per rate with its interval; ICL and ICL-reordered as horizontal lines."""
+    methods = [m for m in dict.fromkeys(d.method) if m not in _DASH]
+    fig = make_subplots(rows=len(SHEN_METRICS), cols=max(1, len(methods)),
+                        subplot_titles=[f"{m}: {metric}" for metric in SHEN_METRICS
+                                        for m in methods], shared_xaxes=True)
+    refs = d[d.method.isin(list(_DASH))]
+    for i, metric in enumerate(SHEN_METRICS, 1):
+        for j, method in enumerate(methods, 1):
+            g = d[(d.method == method) & (d.metric == metric)]
+            for lr, h in g.groupby("lr"):
+                h = h.sort_values("epoch")
+                fig.add_trace(go.Scatter(
+                    x=h.epoch, y=h.value, mode="lines+markers", name=f"lr {lr:g}",
+                    legendgroup=f"lr {lr:g}", showlegend=i == 1 and j == 1,
+                    error_y=dict(type="data", symmetric=False, array=h.ci_high - h.value,
+                                 arrayminus=h.value - h.ci_low)), row=i, col=j)
+            for ref, r in refs[refs.metric == metric].groupby("method"):
+                fig.add_hline(y=float(r.value.iloc[0]), line=dict(dash=_DASH[ref], width=1.5),
+                              annotation_text=ref, row=i, col=j)
+    fig.update_xaxes(title_text="epoch", row=len(SHEN_METRICS))
+    fig.update_layout(title=f"Fig. 5 ({task}, N = {n_demos}): ICL against GD over epochs; "
+                            "lines: ICL (accuracy) and ICL with the demonstrations reordered "
+                            "(the reference a GD curve is read against)",
+                      height=260 * len(SHEN_METRICS) + 120)
+    return fig
