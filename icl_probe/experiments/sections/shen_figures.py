@@ -10,9 +10,14 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ...compare import SHEN_METRICS
+from ...compare import ANCHORS, SHEN_METRICS
 
 _DASH = {"icl": "solid", "icl_reordered": "dash"}
+
+
+def _anchor(metric: str) -> float:
+    """Shen et al.'s published value of ``metric`` (icl_probe/data/anchors.csv)."""
+    return float(ANCHORS[ANCHORS.metric == metric].value.iloc[0])
 
 
 def figures(tabs: dict[str, pd.DataFrame]) -> list[Any]:
@@ -47,7 +52,9 @@ def _sparsity(s: pd.DataFrame) -> Any:
     fig.update_xaxes(type="log", title_text="threshold t")
     fig.update_yaxes(title_text="fraction below t", range=[0, 1.02], row=1, col=1)
     fig.update_layout(title="Fig. 2: sparsity of W_Q / W_K / W_V (mean over layers and heads)"
-                            " beside the GD construction's requirement", height=420)
+                            " beside the GD construction's requirement; Shen et al. "
+                            f"(LLaMA-7B, GPT-J): below {_anchor('shen_sparsity_below'):.0%}",
+                      height=420)
     return fig
 
 
@@ -67,8 +74,12 @@ def _order(d: pd.DataFrame, task: str) -> Any:
         fig.add_hline(y=float(icl.value.iloc[0]), line=dict(color="black", width=2),
                       annotation_text="ICL")
     fig.update_layout(title=f"Fig. 4 ({task}, N = {int(d.n_demos.iloc[0])}): order "
-                            "sensitivity over epochs (std of p(token) across orderings, summed "
-                            "over the vocabulary; mean over queries, 95 % interval)",
+                            "sensitivity over epochs (mean over queries, 95 % interval). Shen "
+                            "et al., LLaMA-7B: ICL "
+                            f"{_anchor('shen_order_sensitivity_icl_low'):g}-"
+                            f"{_anchor('shen_order_sensitivity_icl_high'):g}, GD "
+                            f"{_anchor('shen_order_sensitivity_gd_low'):g}-"
+                            f"{_anchor('shen_order_sensitivity_gd_high'):g}",
                       xaxis_title="epoch", yaxis_title="order sensitivity", height=420)
     return fig
 
