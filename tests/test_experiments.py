@@ -155,6 +155,8 @@ def _toml(tmp_path, text):
     ('[experiment]\nsections = ["shen"]\n[shen]\nmethods = "gd"', r"expected a list of tables"),
     ('[experiment]\nsections = ["shen"]\n[shen]\norderings = 1', r"orderings = 1: expected an "
      r"integer >= 2"),
+    ('[experiment]\nsections = ["shen"]\n[shen]\ncheckpoints = ["/nonexistent/step1"]',
+     r"checkpoints\[0\] = '/nonexistent/step1': no such file or directory"),
 ])
 def test_config_errors_name_the_key_and_come_before_any_model_load(tmp_path, text, match):
     import time

@@ -4,12 +4,15 @@ stopped there, and full-batch GD's order sensitivity is exactly 0 at every epoch
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 
 import icl_probe as ip
-from icl_probe.compare import order_curves, shen_curves
+from icl_probe import run_experiment
+from icl_probe.compare import checkpoint_table, order_curves, shen_curves
 from icl_probe.compare.shen import _prompt_sets
+from icl_probe.experiments import Config
 from icl_probe.gd import EpochFineTune, finetune_epochs
 from icl_probe.tasks import load_task
 
@@ -90,3 +93,47 @@ def test_full_batch_order_sensitivity_is_zero_at_every_epoch_and_sgd_b1_is_not(m
 def test_bad_orderings_are_named(model):
     with pytest.raises(ip.CompareError, match="orderings"):
         order_curves(model, "capital", n_demos=2, orderings=1, lrs=[1e-2], methods=[])
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Two checkpoints of one tiny model: the second moves one matrix by a known amount."""
+    root = tmp_path_factory.mktemp("ckpt")
+    hf, tok = ip.models.tiny_hf_model(seed=4, n_layers=3)
+    out = []
+    for step in range(2):
+        if step:
+            with torch.no_grad():
+                hf.model.layers[1].mlp.up_proj.weight.add_(0.25)
+        hf.save_pretrained(root / f"step{step}")
+        tok.save_pretrained(root / f"step{step}")
+        out.append(str(root / f"step{step}"))
+    return out, hf.model.layers[1].mlp.up_proj.weight.numel(), sum(
+        p.numel() for p in hf.parameters())
+
+
+def test_fig3_weight_change_and_icl_accuracy_by_hand(checkpoints):
+    paths, moved, total = checkpoints
+    t = checkpoint_table(paths, "capital", n_demos=2, queries=3)
+    change = t[t.metric == "weight_change"].set_index("step").value
+    assert change[0] == 0
+    assert abs(change[1] - 0.25 * moved / total) < 1e-9  # float32 weights: 0.25 is exact
+    for step, path in enumerate(paths):
+        model = ip.load_model(path)
+        pairs, _ = _prompt_sets(model, load_task("capital"), 2, 3, seed=0)
+        hits = [int(_icl_probs(model, p).argmax()) == p.target_id for p in pairs]
+        acc = t[(t.metric == "icl_accuracy") & (t.step == step)].value.iloc[0]
+        assert abs(acc - sum(hits) / 3) < TOL
+
+
+def test_fig3_runs_in_the_shen_section(checkpoints, tmp_path):
+    paths, _, _ = checkpoints
+    cfg = Config.from_dict({"experiment": {"name": "s", "sections": ["shen"]},
+                            "shen": {"tasks": ["capital"], "n_demos": [1], "queries": 2,
+                                     "sparsity_thresholds": [1e-2], "order_methods": [],
+                                     "methods": [dict(name="gd", epochs=1, lrs=[1e-2])],
+                                     "checkpoints": paths, "checkpoint_n_demos": 2}}, "s")
+    out = run_experiment(cfg, model=ip.tiny_model(seed=2), out=tmp_path / "o", progress=False)
+    table = pd.read_csv(out / "shen_checkpoints.csv")
+    assert list(table[table.metric == "weight_change"].step) == [0, 1]
+    assert "Fig. 3" in (out / "report.html").read_text()

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -40,6 +40,7 @@ import torch
 from ..errors import CompareError
 from ..gd import EpochFineTune, finetune_epochs
 from ..hooks import trace, trace_shared_prefix
+from ..models import load_model
 from ..prompts import PromptPair, build_prompt
 from ..tasks import load_task
 from . import stats
@@ -119,6 +120,37 @@ def order_curves(model: Any, task: Any, *, n_demos: int, methods: Sequence[Epoch
                     rows += _summary_rows({**keys, "epoch": epoch},
                                           {"order_sensitivity": _spread(torch.stack(probs))},
                                           ci_seed)
+    return pd.DataFrame(rows)
+
+
+def checkpoint_table(checkpoints: Sequence[Any], task: Any, *, n_demos: int, queries: Any = 8,
+                     seed: int = 0, load: Callable[[Any], Any] = load_model,
+                     ci_seed: int = 0) -> pd.DataFrame:
+    """Fig. 3: across checkpoints of one model (``load(spec)`` each, one at a time), ICL
+    accuracy (the argmax over the vocabulary is the gold answer's first token) on ``queries``
+    test queries with one set of ``n_demos`` demonstrations, and the average weight change:
+    the mean of ``|θ_c − θ_first|`` over every parameter entry, against the first checkpoint
+    (*choice*: the paper plots an "average weight change" without its formula). One row per
+    (checkpoint, metric); ``step`` is the checkpoint's position in the list."""
+    task = load_task(task)
+    rows, first = [], None
+    for step, spec in enumerate(checkpoints):
+        model = load(spec)
+        pairs, _ = _prompt_sets(model, task, n_demos, queries, seed)
+        acc = _accuracy(_probs(model, pairs, "icl"), [p.target_id for p in pairs])
+        params = {n: p.detach().to("cpu") for n, p in  # in the model's dtype: 7B in bf16 = 14 GB
+                  getattr(model, "original_model", model).named_parameters()}
+        first = params if first is None else first
+        missing = sorted(set(first) ^ set(params))
+        if missing:
+            raise CompareError(f"checkpoint_table: checkpoint {step} ({spec!r}) has other "
+                               f"parameters than the first ({missing[:3]}): not one model")
+        total = sum(float((params[n].double() - first[n].double()).abs().sum()) for n in first)
+        change = total / sum(x.numel() for x in first.values())
+        keys = {"checkpoint": str(spec), "step": step}
+        rows += _summary_rows(keys, {"icl_accuracy": acc}, ci_seed)
+        rows.append({**keys, "metric": "weight_change", "value": change, "n": len(first)})
+        del model
     return pd.DataFrame(rows)
 
 

@@ -24,14 +24,14 @@ from typing import Any
 import pandas as pd
 
 from ... import dual
-from ...compare import order_curves, shen_curves
+from ...compare import checkpoint_table, order_curves, shen_curves
 from ...errors import ConfigError
 from ...gd import OPTIMIZERS, PARAM_SETS, SUB_MODEL_LAYERS, EpochFineTune
-from ...models import ModelShape
+from ...models import ModelShape, load_model
 from ..checks import need, task_sizes_by_split
 from ..labels import labeled_task
-from ..settings import (choice, integer, list_of, loss_tokens, rate, setting, tables_of,
-                        task_spec, text)
+from ..settings import (choice, integer, list_of, loss_tokens, model_spec, rate, setting,
+                        tables_of, task_spec, text)
 from ..sizing import finetune_bytes, prompt_tokens, trainable_count
 from .base import Memory, Section, Unit
 from .shen_figures import figures
@@ -94,12 +94,16 @@ class ShenSettings:
     order_methods: list[dict] = setting(tables_of(ShenMethod, nonempty=False),
                                         factory=_order_methods)
     sparsity_thresholds: list[float] = setting(list_of(rate), [1e-2, 1e-3, 1e-4, 1e-5, 1e-6])
+    # Fig. 3: checkpoints of one model, in training order (local directories, GGUF files or
+    # hub ids in the local cache); none by default
+    checkpoints: list[str] = setting(list_of(model_spec, nonempty=False), [])
+    checkpoint_n_demos: int = setting(integer(1), 8)
 
 
 @dataclass(frozen=True)
 class ShenUnit(Unit):
-    """``part``: ``sparsity`` (one per model), ``curves`` (per task, N and seed) or ``order``
-    (per task and seed)."""
+    """``part``: ``sparsity`` (one per model), ``curves`` (per task, N and seed), ``order`` or
+    ``checkpoints`` (per task and seed)."""
 
     section = "shen"
     part: str = "curves"
@@ -113,12 +117,15 @@ class Shen(Section):
     Settings = ShenSettings
     Unit = ShenUnit
     output_files = {"curves": "shen_curves.csv", "order": "shen_order.csv",
-                    "sparsity": "shen_sparsity.csv"}
+                    "sparsity": "shen_sparsity.csv", "checkpoints": "shen_checkpoints.csv"}
 
     def units(self, s: ShenSettings) -> list[ShenUnit]:
         out = [ShenUnit(part="sparsity")]
         out += [ShenUnit(part="curves", task=t, n_demos=n, seed=seed) for t in s.tasks
                 for n in s.n_demos for seed in s.seeds]
+        if s.checkpoints:
+            out += [ShenUnit(part="checkpoints", task=t, n_demos=s.checkpoint_n_demos,
+                             seed=seed) for t in s.tasks for seed in s.seeds]
         if s.order_methods:
             out += [ShenUnit(part="order", task=t, n_demos=s.order_n_demos, seed=seed)
                     for t in s.tasks for seed in s.seeds]
@@ -137,6 +144,7 @@ class Shen(Section):
             sizes = task_sizes_by_split(spec, f"{where} [shen] tasks: {spec!r}")
             for key, n, split in (("n_demos", max(s.n_demos), "train"),
                                   ("order_n_demos", s.order_n_demos, "train"),
+                                  ("checkpoint_n_demos", s.checkpoint_n_demos, "train"),
                                   ("queries", s.queries, "test"),
                                   ("order_queries", s.order_queries, "test")):
                 need(n <= sizes[split], f"{where} [shen] {key}",
@@ -148,6 +156,10 @@ class Shen(Section):
 
     def run(self, model: Any, u: ShenUnit, s: ShenSettings, ctx: dict
             ) -> dict[str, pd.DataFrame]:
+        if u.part == "checkpoints":
+            return {"checkpoints": checkpoint_table(
+                s.checkpoints, labeled_task(u.task, s.tasks), n_demos=u.n_demos,
+                queries=s.queries, seed=u.seed, load=load_model)}
         if u.part == "sparsity":
             return {"sparsity": pd.concat([
                 dual.head_sparsity(model, s.sparsity_thresholds, relative=r).assign(

@@ -26,6 +26,9 @@ def figures(tabs: dict[str, pd.DataFrame]) -> list[Any]:
         figs.append(_sparsity(tabs["sparsity"]))
     if "order" in tabs:
         figs += [_order(d, task) for task, d in tabs["order"].groupby("task", sort=False)]
+    if "checkpoints" in tabs:
+        figs += [_checkpoints(d, task) for task, d in tabs["checkpoints"].groupby("task",
+                                                                                  sort=False)]
     if "curves" in tabs:
         figs += [_curves(d, task, n) for (task, n), d in
                  tabs["curves"].groupby(["task", "n_demos"], sort=False)]
@@ -110,4 +113,26 @@ def _curves(d: pd.DataFrame, task: str, n_demos: int) -> Any:
                             "lines: ICL (accuracy) and ICL with the demonstrations reordered "
                             "(the reference a GD curve is read against)",
                       height=260 * len(SHEN_METRICS) + 120)
+    return fig
+
+
+def _checkpoints(d: pd.DataFrame, task: str) -> Any:
+    """Fig. 3: ICL accuracy (left axis, 95 % interval) and the average weight change against
+    the first checkpoint (right axis) across checkpoints, in the order listed."""
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    acc = d[d.metric == "icl_accuracy"].sort_values("step")
+    change = d[d.metric == "weight_change"].sort_values("step")
+    fig.add_trace(go.Scatter(x=acc.step, y=acc.value, mode="lines+markers", name="ICL accuracy",
+                             error_y=dict(type="data", symmetric=False,
+                                          array=acc.ci_high - acc.value,
+                                          arrayminus=acc.value - acc.ci_low)),
+                  secondary_y=False)
+    fig.add_trace(go.Scatter(x=change.step, y=change.value, mode="lines+markers",
+                             name="mean |θ − θ_first|", line=dict(dash="dash")),
+                  secondary_y=True)
+    fig.update_xaxes(title_text="checkpoint (in the order listed)", tickvals=list(acc.step))
+    fig.update_yaxes(title_text="ICL accuracy", range=[0, 1.02], secondary_y=False)
+    fig.update_yaxes(title_text="average weight change", secondary_y=True)
+    fig.update_layout(title=f"Fig. 3 ({task}): ICL accuracy and average weight change across "
+                            "checkpoints", height=420)
     return fig
