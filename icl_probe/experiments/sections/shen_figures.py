@@ -54,9 +54,9 @@ def _sparsity(s: pd.DataFrame) -> Any:
                                      legendgroup=matrix, showlegend=j == 1), row=1, col=j)
     fig.update_xaxes(type="log", title_text="threshold t")
     fig.update_yaxes(title_text="fraction below t", range=[0, 1.02], row=1, col=1)
-    fig.update_layout(title="Fig. 2: sparsity of W_Q / W_K / W_V (mean over layers and heads)"
-                            " beside the GD construction's requirement; Shen et al. "
-                            f"(LLaMA-7B, GPT-J): below {_anchor('shen_sparsity_below'):.0%}",
+    fig.update_layout(title="Fig. 2: sparsity of W_Q/W_K/W_V (mean over layers, heads) vs the "
+                            "construction's need. Shen et al.: below "
+                            f"{_anchor('shen_sparsity_below'):.0%}",
                       height=420)
     return fig
 
