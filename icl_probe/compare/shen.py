@@ -39,16 +39,15 @@ import torch
 
 from ..errors import CompareError
 from ..gd import EpochFineTune, finetune_epochs
-from ..hooks import trace, trace_shared_prefix
 from ..models import load_model
 from ..prompts import PromptPair, build_prompt
 from ..tasks import load_task
 from . import stats
 from .metrics import order_sensitivity, overlap_cosine, top_overlap
 from .queries import demonstrations, resolve_queries
+from .references import _logits
 
 SHEN_METRICS = ("accuracy", "token_overlap", "overlap_cosine")
-ZS_BATCH = 32
 
 
 def shen_curves(model: Any, task: Any, *, n_demos: int, methods: Sequence[EpochFineTune],
@@ -173,13 +172,9 @@ def _prompt_sets(model: Any, task: Any, n_demos: int, queries: Any, seed: int
 
 def _probs(model: Any, pairs: list[PromptPair], kind: str) -> torch.Tensor:
     """Each prompt's output distribution over the vocabulary at the prediction position
-    (query d_vocab, float64)."""
-    if kind == "icl" and len(pairs) > 1:
-        logits = trace_shared_prefix(model, pairs, what=("attn_out",), layers=[0]).logits
-    else:
-        logits = trace(model, pairs, kind=kind, what=("attn_out",), layers=[0],
-                       batch_size=ZS_BATCH).logits
-    return torch.softmax(logits.double(), -1)
+    (query d_vocab, float64), from the comparison's own logits (the shared prefix run once for
+    ICL, self-checked)."""
+    return torch.softmax(_logits(model, pairs, kind).double(), -1)
 
 
 def _accuracy(p: torch.Tensor, gold: list[int]) -> np.ndarray:

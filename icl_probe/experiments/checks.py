@@ -26,6 +26,18 @@ def task_sizes_by_split(spec: str, where: str) -> dict[str, int]:
     return {name: len(task.split(name)) for name in ("train", "dev", "test")}
 
 
+def check_split_sizes(section: str, tasks: list[str], wants: list[tuple[str, int, str]],
+                      where: str) -> None:
+    """Each ``(key, n, split)`` of ``wants`` against each task: ``n`` items drawn from its
+    ``split`` (docs/protocol.md, Splits) must be there."""
+    for spec in tasks:
+        sizes = task_sizes_by_split(spec, f"{where} [{section}] tasks: {spec!r}")
+        for key, n, split in wants:
+            need(n <= sizes[split], f"{where} [{section}] {key}",
+                 f"{n}, but task {spec!r} has {sizes[split]} items in its {split} split "
+                 f"(docs/protocol.md, Splits); use {key} <= {sizes[split]}")
+
+
 def check_prompt_sizes(section: str, tasks: list[str], k: int, k_key: str, queries: int,
                        queries_key: str, where: str) -> None:
     """``k`` demonstrations and ``queries`` prompts drawn from each task: the query is never

@@ -38,7 +38,7 @@ import torch
 from ..errors import FineTuneError
 from ..prompts import PromptPair
 from .losses import _example_loss, _examples
-from .params import trainable_parameters
+from .params import trainable_parameters, training
 from .settings import LOSS_TOKENS, learning_rate
 
 OPTIMIZERS = ("sgd", "adam")
@@ -127,19 +127,11 @@ def finetune_epochs(model: Any, pair: PromptPair, cfg: EpochFineTune, *, eval_ev
     examples = _examples(pair, cfg.loss_tokens)
     batches = _batches(pair, cfg.batch_size)
     torch.manual_seed(seed)
-    all_params = list(model.parameters())
-    flags = [p.requires_grad for p in all_params]
-    saved = {n: p.detach().clone() for n, p in train.items()}
     run = EpochRun()
-    try:
-        for p in all_params:
-            p.requires_grad_(False)
-        for p in train.values():
-            p.requires_grad_(True)
+    with training(model, train) as saved:
         plist = list(train.values())
         opt = (torch.optim.Adam(plist, lr=cfg.lr) if cfg.optimizer == "adam"
                else torch.optim.SGD(plist, lr=cfg.lr))
-        model.train(False)  # no dropout: the run is deterministic
         for epoch in range(1, cfg.epochs + 1):
             run.losses.append(_epoch(model, examples, batches, opt, plist))
             if not all(math.isfinite(x) for x in run.losses[-1]) or \
@@ -151,13 +143,6 @@ def finetune_epochs(model: Any, pair: PromptPair, cfg: EpochFineTune, *, eval_ev
                     checkpoint(epoch, model)
                 run.checkpoints.append(epoch)
         run.deltas = {n: p.detach() - saved[n] for n, p in train.items()}
-    finally:
-        with torch.no_grad():
-            for n, p in train.items():
-                p.copy_(saved[n])
-        for p, f in zip(all_params, flags):
-            p.requires_grad_(f)
-        model.eval()
     return run
 
 

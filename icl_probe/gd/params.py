@@ -3,9 +3,10 @@ Hugging Face names, and each attention projection read per head on every family.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from transformers.pytorch_utils import Conv1D
@@ -162,3 +163,29 @@ def split_projections(model: Any, tensors: dict[str, torch.Tensor]) -> dict[str,
                 key = f"blocks.{l}.attn.{'b' if is_bias else 'W'}_{proj.name.upper()}"
                 out[key] = _to_heads(x, proj, heads, is_bias)
     return out
+
+
+@contextlib.contextmanager
+def training(model: Any, train: dict[str, torch.nn.Parameter]
+             ) -> Iterator[dict[str, torch.Tensor]]:
+    """Only ``train`` requires gradients, and dropout is off (a run is deterministic); yields
+    copies of the trained parameters' original values. On exit, also on error, the parameters
+    are restored exactly from those copies (float deltas cannot give them back bit for bit)
+    and every parameter's gradient flag is put back."""
+    all_params = list(model.parameters())
+    flags = [p.requires_grad for p in all_params]
+    saved = {n: p.detach().clone() for n, p in train.items()}
+    try:
+        for p in all_params:
+            p.requires_grad_(False)
+        for p in train.values():
+            p.requires_grad_(True)
+        model.train(False)
+        yield saved
+    finally:
+        with torch.no_grad():
+            for n, p in train.items():
+                p.copy_(saved[n])
+        for p, f in zip(all_params, flags):
+            p.requires_grad_(f)
+        model.eval()

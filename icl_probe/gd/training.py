@@ -51,7 +51,7 @@ from ..errors import FineTuneError
 from ..hooks import logits_to_keep, query_capture_hooks
 from ..prompts import PromptPair
 from .losses import _example_loss, _examples
-from .params import trainable_parameters
+from .params import trainable_parameters, training
 from .result import FineTune, FineTunedModel
 from .settings import (COLLAPSE_STD, DIVERGENCE_FACTOR, METHODS, RISE_FACTOR, FineTuneConfig,
                        learning_rate)
@@ -113,22 +113,14 @@ def _train(model: Any, pair: PromptPair, train: dict[str, torch.nn.Parameter],
     each step saw, whether it stopped on a non-finite loss or parameter, and the example the
     rising-loss rule watches with its loss before any step. The base model's parameters are
     restored exactly (from saved originals) however the loop ends."""
-    all_params = list(model.parameters())
-    flags = [p.requires_grad for p in all_params]
-    saved = {n: p.detach().clone() for n, p in train.items()}
     run: dict[str, Any] = {"losses": [], "queries": [], "demo_of_step": [], "diverged": False,
                            "watched": 0, "first_before": None}
     q_store: list[torch.Tensor] = []
     # the queries as the model uses them (after QK-norm and rotary)
     qhooks = query_capture_hooks(model, q_store) if record_queries else []
-    try:
-        for p in all_params:
-            p.requires_grad_(False)
-        for p in train.values():
-            p.requires_grad_(True)
+    with training(model, train) as saved:
         plist = list(train.values())
         opt = torch.optim.Adam(plist, lr=lr) if method == "adam" else torch.optim.SGD(plist, lr=lr)
-        model.train(False)  # no dropout: the deltas are deterministic
 
         def step(loss: torch.Tensor) -> bool:
             """One optimiser step; True when the run has diverged (and must stop)."""
@@ -165,13 +157,6 @@ def _train(model: Any, pair: PromptPair, train: dict[str, torch.nn.Parameter],
                     break
         run["diverged"] = diverged
         run["deltas"] = {n: (p.detach() - saved[n]) for n, p in train.items()}
-    finally:
-        with torch.no_grad():
-            for n, p in train.items():
-                p.copy_(saved[n])
-        for p, f in zip(all_params, flags):
-            p.requires_grad_(f)
-        model.eval()
     return run
 
 

@@ -119,11 +119,12 @@ def live_hooks(model: Any, also: Iterable[str] = ()) -> frozenset[str]:
     Measured once per set of templates with a two-token forward and remembered on the model."""
     templates = tuple(dict.fromkeys(ARCHITECTURE_HOOKS + tuple(also)))
     cache = model.__dict__.setdefault("_icl_probe_live_hooks", {})
-    if templates in cache:
-        return cache[templates]
-    fired = _fired(model, templates)
-    cache[templates] = fired
-    return fired
+    key = frozenset(templates)
+    for probed, fired in cache.items():  # a probe of a superset answers without a forward
+        if key <= probed:
+            return frozenset(t for t in fired if t in key or t == "scores_are_pattern")
+    cache[key] = _fired(model, templates)
+    return cache[key]
 
 
 # the hooks the architecture is read from (which q/k hooks fire, whether scores are hooked)

@@ -31,7 +31,8 @@ class Unit:
 
     @property
     def id(self) -> str:
-        """The unit's directory name under ``OUT/units`` (:func:`~icl_probe.experiments.store.unit_id`)."""
+        """The unit's directory name under ``OUT/units``
+        (:func:`~icl_probe.experiments.store.unit_id`)."""
         return unit_id(self.section, self.key())
 
     def on(self, model: str) -> "Unit":

@@ -22,7 +22,7 @@ from ...errors import CompareError, ConfigError, ExperimentError
 from ...gd import FineTuneConfig
 from ...html import esc
 from ...models import ModelShape
-from ..checks import need, task_sizes_by_split
+from ..checks import check_split_sizes
 from ..labels import labeled_task, task_labels
 from ..settings import (all_baselines, baselines, boolean, integer, list_of, loss_tokens,
                         lrs_by_method, methods, position, protocol, setting, task_spec, text)
@@ -95,12 +95,8 @@ class IclVsGd(Section):
                 raise ConfigError(f"{where}: [icl_vs_gd] {e}") from None
 
     def check_inputs(self, s: IclVsGdSettings, where: str) -> list[tuple[str, str]]:
-        for spec in s.tasks:
-            sizes = task_sizes_by_split(spec, f"{where} [icl_vs_gd] tasks: {spec!r}")
-            for key, split in (("k", "train"), ("queries", "test"), ("dev_queries", "dev")):
-                need(getattr(s, key) <= sizes[split], f"{where} [icl_vs_gd] {key}",
-                     f"{getattr(s, key)}, but task {spec!r} has {sizes[split]} items in its "
-                     f"{split} split (docs/protocol.md, Splits); use {key} <= {sizes[split]}")
+        check_split_sizes(self.name, s.tasks, [("k", s.k, "train"), ("queries", s.queries, "test"),
+                                               ("dev_queries", s.dev_queries, "dev")], where)
         return [(f"{where} [icl_vs_gd] params", s.params)]
 
     def run(self, model: Any, u: IclVsGdUnit, c: IclVsGdSettings, ctx: dict

@@ -28,7 +28,7 @@ from ...compare import checkpoint_table, order_curves, shen_curves
 from ...errors import ConfigError
 from ...gd import OPTIMIZERS, PARAM_SETS, SUB_MODEL_LAYERS, EpochFineTune
 from ...models import ModelShape, load_model
-from ..checks import need, task_sizes_by_split
+from ..checks import check_split_sizes
 from ..labels import labeled_task
 from ..settings import (choice, integer, list_of, loss_tokens, model_spec, rate, setting,
                         tables_of, task_spec, text)
@@ -140,16 +140,10 @@ class Shen(Section):
                               "name (it labels the curves)")
 
     def check_inputs(self, s: ShenSettings, where: str) -> list[tuple[str, str]]:
-        for spec in s.tasks:
-            sizes = task_sizes_by_split(spec, f"{where} [shen] tasks: {spec!r}")
-            for key, n, split in (("n_demos", max(s.n_demos), "train"),
-                                  ("order_n_demos", s.order_n_demos, "train"),
-                                  ("checkpoint_n_demos", s.checkpoint_n_demos, "train"),
-                                  ("queries", s.queries, "test"),
-                                  ("order_queries", s.order_queries, "test")):
-                need(n <= sizes[split], f"{where} [shen] {key}",
-                     f"{n}, but task {spec!r} has {sizes[split]} items in its {split} split "
-                     f"(docs/protocol.md, Splits); use at most {sizes[split]}")
+        check_split_sizes(self.name, s.tasks, [
+            ("n_demos", max(s.n_demos), "train"), ("order_n_demos", s.order_n_demos, "train"),
+            ("checkpoint_n_demos", s.checkpoint_n_demos, "train"),
+            ("queries", s.queries, "test"), ("order_queries", s.order_queries, "test")], where)
         return [(f"{where} [shen] methods {m['name']!r} params", m["params"])
                 for m in s.methods + s.order_methods
                 if m["params"].startswith("v:") and m["params"] not in SUB_MODEL_LAYERS]
