@@ -2,8 +2,12 @@
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 import icl_probe as ip
+from icl_probe.compare.shen import shen_curves
+from icl_probe.gd import EpochFineTune, finetune_epochs
+from icl_probe.hooks import answer_logprobs, selfcheck, trace_shared_prefix
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -37,3 +41,93 @@ def test_trace_probes_and_finetune_on_cuda_bf16():
     ft = ip.finetune(gpu, pairs[0], lr=1e-2)
     assert not ft.diverged and all(d.device.type == "cuda" for d in ft.deltas.values())
     assert ip.trace(ft.model, pairs[:1], kind="zs").logits.isfinite().all()
+
+
+@pytest.fixture()
+def drifted_cache(monkeypatch):
+    """Every repeated key/value cache comes back with its keys shifted (as in tests/test_stack.py):
+    the fast paths' logits move while every call completes."""
+    original = DynamicCache.batch_repeat_interleave
+
+    def shifted(self, repeats):
+        original(self, repeats)
+        for layer in self.layers:
+            layer.keys += 0.5
+
+    monkeypatch.setattr(DynamicCache, "batch_repeat_interleave", shifted)
+
+
+def _gqa_pairs(model, n=4, k=4):
+    return [ip.build_prompt(model, "capital", query=q, demos=list(range(20, 20 + k)))
+            for q in range(n)]
+
+
+@cuda
+@pytest.mark.parametrize("dtype", ["bf16", "float32"])
+def test_fast_paths_check_themselves_and_pass_on_cuda(dtype):
+    gpu = ip.tiny_model(seed=5, device="cuda", dtype=dtype, n_key_value_heads=2)
+    pairs = _gqa_pairs(gpu)
+    before = dict(selfcheck.PASSED)
+    rec = trace_shared_prefix(gpu, pairs, what=("scores",), min_prefix=1)
+    assert rec.meta["shared_prefix"] > 0 and rec.logits.device.type == "cuda"
+    assert selfcheck.PASSED["trace_shared_prefix"] == before.get("trace_shared_prefix", 0) + 1
+    slow = ip.trace(gpu, pairs, what=("scores",))
+    tol = selfcheck.tolerance(next(gpu.parameters()).dtype)
+    assert selfcheck.relative_error(rec.logits, slow.logits) < tol
+    fast = answer_logprobs(gpu, pairs, "icl")
+    assert selfcheck.PASSED["answer_logprobs"] == before.get("answer_logprobs", 0) + 1
+    exact = answer_logprobs(gpu, pairs, "icl", fast=False)
+    assert selfcheck.relative_error(fast, exact) < tol
+
+
+@cuda
+def test_a_drifted_cache_makes_the_fast_paths_raise_on_cuda(drifted_cache):
+    gpu = ip.tiny_model(seed=5, device="cuda", dtype="bf16", n_key_value_heads=2)
+    pairs = _gqa_pairs(gpu)
+    with pytest.raises(ip.FastPathError, match="fast=False"):
+        trace_shared_prefix(gpu, pairs, what=("scores",), min_prefix=1)
+    with pytest.raises(ip.FastPathError, match="ICL_PROBE_FAST=0"):
+        answer_logprobs(gpu, pairs[:2], "icl")
+    slow = trace_shared_prefix(gpu, pairs, what=("scores",), min_prefix=1, fast=False)
+    assert slow.logits.isfinite().all()
+
+
+@cuda
+def test_whole_model_epochs_on_cuda_bf16_checkpoint_and_restore_exactly():
+    gpu = ip.tiny_model(seed=12, device="cuda", dtype="bf16")
+    pair = ip.build_prompt(gpu, "capital", query=0, k=4, seed=0)
+    before = {n: p.detach().clone() for n, p in gpu.named_parameters()}
+    seen = []
+    run = finetune_epochs(gpu, pair, EpochFineTune(params="all", epochs=4, lr=1e-2),
+                          eval_every=2, keep_deltas=False,
+                          checkpoint=lambda e, m: seen.append(
+                              (e, ip.trace(m, [pair], kind="zs").logits.float().cpu())))
+    assert run.diverged_at is None and [e for e, _ in seen] == [2, 4] and not run.deltas
+    assert run.losses[-1][0] < run.losses[0][0]
+    assert not torch.equal(seen[0][1], seen[1][1])  # the weights moved between checkpoints
+    for n, p in gpu.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+@cuda
+def test_compare_and_shen_curves_run_on_cuda_and_agree_with_the_cpu():
+    """Every metric of a compare() unit and of Shen's curves, on the GPU against the same
+    model on the CPU, both in float64 (in float32, accumulation order alone swapped near-tied
+    ranks or top-10 sets: one value moved by 0.024 on an H200). The random baselines are
+    drawn on the CPU, the same draws on every device, so every value agrees to 1e-6."""
+    kw = dict(seed=12, dtype="float64")
+    runs = {}
+    for dev in ("cpu", "cuda"):
+        model = ip.tiny_model(device=dev, **kw)
+        tabs = ip.compare(model, "capital", k=3, queries=4, seeds=[0], progress=False,
+                          gd=ip.FineTuneConfig(method="dai", params="kv", lr=1e-2))
+        curves = shen_curves(model, "capital", n_demos=3, lrs=[1e-2], queries=4,
+                             methods=[EpochFineTune(params="all", epochs=2)])
+        runs[dev] = (tabs.summary, curves)
+    (s_cpu, c_cpu), (s_gpu, c_gpu) = runs["cpu"], runs["cuda"]
+    assert len(s_cpu) == len(s_gpu) and len(c_cpu) == len(c_gpu)
+    for a, b in ((s_cpu, s_gpu), (c_cpu, c_gpu)):
+        x, y = a["value"].to_numpy(float), b["value"].to_numpy(float)
+        assert ((x != x) == (y != y)).all()  # NaN in the same places
+        ok = x == x
+        assert abs(x[ok] - y[ok]).max() < 1e-6, abs(x[ok] - y[ok]).max()

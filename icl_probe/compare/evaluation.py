@@ -141,8 +141,8 @@ def _layer_similarities(refs: _Refs, b: int, ftr: Any, i: int, gen: torch.Genera
     h_zs, h_icl = zs.at_pred("attn_out")[:, b].double(), icl.at_pred("attn_out")[:, b].double()
     h_ft = ftr.at_pred("attn_out")[:, i].double()
     aou = {n: M.simaou(h_zs, h_icl, h_ft, normalize=n) for n in (True, False)}
-    rand_dir = torch.randn(h_ft.shape, generator=gen, dtype=torch.float64)
-    r_uniform = torch.rand(h_ft.shape, generator=gen, dtype=torch.float64)
+    rand_dir = _draw(torch.randn, h_ft, gen)
+    r_uniform = _draw(torch.rand, h_ft, gen)
     aou_rand = {n: M._cos(_update(h_zs, h_icl, n), rand_dir) for n in (True, False)}
     aou_unif = {n: M.simaou_uniform_random(h_zs, h_icl, r_uniform, normalize=n)
                 for n in (True, False)}
@@ -152,16 +152,14 @@ def _layer_similarities(refs: _Refs, b: int, ftr: Any, i: int, gen: torch.Genera
     m_zs = zs.at_pred("scores")[:, b][..., q_zs].double()
     m_ft = ftr.at_pred("scores")[:, i][..., q_zs].double()
     sam = M.simam(m_zs, m_icl, m_ft)
-    sam_rand = M._cos(m_icl - m_zs, torch.randn(m_ft.shape, generator=gen,
-                                                dtype=torch.float64)).mean(-1)
+    sam_rand = M._cos(m_icl - m_zs, _draw(torch.randn, m_ft, gen)).mean(-1)
     zs_all = torch.arange(len(pair.zs_ids))
     n_zs = len(pair.zs_ids)
     dM_gd = (_kv_operator(ftr.data["k"][:, i, :n_zs], ftr.data["v"][:, i, :n_zs])
              - _kv_operator(zs.data["k"][:, b, zs_all], zs.data["v"][:, b, zs_all]))
     dM_icl = refs.dM_icl[b]
     w_cos = M._cos(dM_icl.flatten(-2), dM_gd.flatten(-2))  # layer kv_head
-    w_rand = M._cos(dM_icl.flatten(-2), torch.randn(dM_gd.flatten(-2).shape, generator=gen,
-                                                    dtype=torch.float64))
+    w_rand = M._cos(dM_icl.flatten(-2), _draw(torch.randn, dM_gd.flatten(-2), gen))
     scalars = {"SimAOU_norm": aou[True], "SimAOU": aou[False],
                baseline_column("SimAOU_norm", "random_update"): aou_rand[True],
                baseline_column("SimAOU", "random_update"): aou_rand[False],
@@ -197,15 +195,19 @@ def _kendall_rows(refs: _Refs, b: int, ft: Any, ftr: Any, i: int, cfg: FineTuneC
             ken_ex = M.kendall_icl_ft(s_demo, q_steps, q_ft[li], scale=sc, level="example",
                                       demo_lengths=demo_lens)
             icl_w = torch.softmax(s_demo.double().sum(0), -1)
-            ken_rand = M.kendall_tau(icl_w, torch.rand(icl_w.shape, generator=gen,
-                                                       dtype=torch.float64))
+            ken_rand = M.kendall_tau(icl_w, _draw(torch.rand, icl_w, gen))
             ex_w = torch.stack([w.sum() for w in icl_w.split(demo_lens)])
-            ken_ex_rand = M.kendall_tau(ex_w, torch.rand(ex_w.shape, generator=gen,
-                                                         dtype=torch.float64))
+            ken_ex_rand = M.kendall_tau(ex_w, _draw(torch.rand, ex_w, gen))
         out.append({"Kendall": ken, baseline_column("Kendall", "uniform_random"): ken_rand,
                     "Kendall_example": ken_ex,
                     baseline_column("Kendall_example", "uniform_random"): ken_ex_rand})
     return out
+
+
+def _draw(sample: Any, like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A float64 baseline draw of ``like``'s shape from ``gen`` (a CPU generator: the same
+    draws on every device), placed on ``like``'s device."""
+    return sample(like.shape, generator=gen, dtype=torch.float64).to(like.device)
 
 
 def _update(h_zs: torch.Tensor, h_icl: torch.Tensor, normalize: bool) -> torch.Tensor:

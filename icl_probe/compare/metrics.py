@@ -72,7 +72,7 @@ def kendall_tau(a: torch.Tensor, b: torch.Tensor) -> float:
     on the sign matrices for up to :data:`KENDALL_DIRECT_MAX` items (exact, fast for the
     demonstration-token counts the comparison sees), SciPy's O(n log n) routine beyond. NaN
     when either weighting is constant."""
-    a, b = a.double().flatten(), b.double().flatten()
+    a, b = a.double().flatten().cpu(), b.double().flatten().cpu()
     n = a.numel()
     if n != b.numel() or n < 2:
         raise IclProbeError(f"kendall_tau: need two vectors of equal length >= 2, got "
@@ -120,10 +120,13 @@ def kendall_icl_ft(scores_icl: torch.Tensor, q_steps: torch.Tensor, q_ft: torch.
         if demo_lengths is None or sum(demo_lengths) != icl_w.numel():
             raise IclProbeError(f"kendall_icl_ft(level='example'): demo_lengths must sum to the "
                                 f"{icl_w.numel()} demonstration tokens, got {demo_lengths}")
-        demo = torch.repeat_interleave(torch.arange(len(demo_lengths)),
-                                       torch.tensor(list(demo_lengths)))
-        icl_w = torch.zeros(len(demo_lengths), dtype=icl_w.dtype).index_add_(0, demo, icl_w)
-        ft_w = torch.zeros(len(demo_lengths), dtype=ft_w.dtype).index_add_(0, demo, ft_w)
+        dev = icl_w.device
+        demo = torch.repeat_interleave(torch.arange(len(demo_lengths), device=dev),
+                                       torch.tensor(list(demo_lengths), device=dev))
+        icl_w = torch.zeros(len(demo_lengths), dtype=icl_w.dtype, device=dev).index_add_(
+            0, demo, icl_w)
+        ft_w = torch.zeros(len(demo_lengths), dtype=ft_w.dtype, device=dev).index_add_(
+            0, demo, ft_w.to(dev))
     return kendall_tau(icl_w, ft_w)
 
 
@@ -174,11 +177,11 @@ def order_sensitivity(probs: torch.Tensor) -> float:
 
 def uniform_random_cos(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Dai's baseline: cos(x, r) with r ~ U[0, 1)^d, along the last axis."""
-    r = torch.rand(x.shape, generator=generator, dtype=torch.float64)
+    r = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
     return _cos(x, r)
 
 
 def same_norm_random(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A random direction (Gaussian) with the norm of each row of ``x``."""
-    r = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    r = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.device)
     return r / r.norm(dim=-1, keepdim=True) * x.double().norm(dim=-1, keepdim=True)

@@ -76,7 +76,7 @@ def shen_curves(model: Any, task: Any, *, n_demos: int, methods: Sequence[EpochF
                 rows.extend(_summary_rows({**keys, "epoch": epoch}, per_query, ci_seed))
 
             run = finetune_epochs(model, pairs[0], run_cfg, eval_every=eval_every,
-                                  checkpoint=read, seed=seed)
+                                  checkpoint=read, seed=seed, keep_deltas=False)
             if run.diverged_at is not None:
                 rows.append({**keys, "epoch": run.diverged_at, "metric": "diverged",
                              "value": 1.0, "n": len(pairs)})
@@ -110,6 +110,7 @@ def order_curves(model: Any, task: Any, *, n_demos: int, methods: Sequence[Epoch
             per_epoch: dict[int, list[torch.Tensor]] = {}
             for o in ordered:
                 finetune_epochs(model, o[0], run_cfg, eval_every=eval_every, seed=seed,
+                                keep_deltas=False,
                                 checkpoint=lambda epoch, m, o=o: per_epoch.setdefault(
                                     epoch, []).append(_probs(m, o, "zs")))
             keys = {"method": run_cfg.name, "params": cfg.params, "optimizer": cfg.optimizer,
@@ -172,9 +173,9 @@ def _prompt_sets(model: Any, task: Any, n_demos: int, queries: Any, seed: int
 
 def _probs(model: Any, pairs: list[PromptPair], kind: str) -> torch.Tensor:
     """Each prompt's output distribution over the vocabulary at the prediction position
-    (query d_vocab, float64), from the comparison's own logits (the shared prefix run once for
-    ICL, self-checked)."""
-    return torch.softmax(_logits(model, pairs, kind).double(), -1)
+    (query d_vocab, float64, on the CPU: the metrics are per query), from the comparison's own
+    logits (the shared prefix run once for ICL, self-checked)."""
+    return torch.softmax(_logits(model, pairs, kind).double().cpu(), -1)
 
 
 def _accuracy(p: torch.Tensor, gold: list[int]) -> np.ndarray:

@@ -113,11 +113,14 @@ class EpochRun:
 
 
 def finetune_epochs(model: Any, pair: PromptPair, cfg: EpochFineTune, *, eval_every: int = 1,
-                    checkpoint: Checkpoint | None = None, seed: int = 0) -> EpochRun:
+                    checkpoint: Checkpoint | None = None, seed: int = 0,
+                    keep_deltas: bool = True) -> EpochRun:
     """Fine-tune on ``pair``'s demonstrations for ``cfg.epochs`` epochs (see the module
     docstring), calling ``checkpoint(epoch, model)`` after every ``eval_every``-th epoch and
     after the last, with the trained weights in place (under ``torch.inference_mode``). The
-    base model's parameters are restored exactly before returning, also on error."""
+    base model's parameters are restored exactly before returning, also on error.
+    ``keep_deltas=False`` leaves ``run.deltas`` empty: for whole-model training that is one
+    copy of the weights less at the peak (Shen et al.'s curves read only the checkpoints)."""
     if not pair.spans.demos:
         raise FineTuneError("finetune_epochs(): the prompt has no demonstrations to train on")
     if not isinstance(eval_every, int) or isinstance(eval_every, bool) or eval_every < 1:
@@ -142,7 +145,8 @@ def finetune_epochs(model: Any, pair: PromptPair, cfg: EpochFineTune, *, eval_ev
                 with torch.inference_mode():
                     checkpoint(epoch, model)
                 run.checkpoints.append(epoch)
-        run.deltas = {n: p.detach() - saved[n] for n, p in train.items()}
+        if keep_deltas:
+            run.deltas = {n: p.detach() - saved[n] for n, p in train.items()}
     return run
 
 
