@@ -1,6 +1,7 @@
 """Every experiment section in a reduced size on a tiny model, the report, and resuming."""
 
 
+import json
 import shutil
 
 import pandas as pd
@@ -72,6 +73,8 @@ def test_each_section_runs_and_reports(tiny, tmp_path, section):
         assert set(curves[curves.method == "gd_mid"].epoch) == {2.0}  # eval_every 2 of 2
         assert (order[order.method == "gd_full"].value == 0).all()  # full batch: exactly 0
         assert "Fig. 2" in page and "Fig. 4" in page and "Fig. 5" in page
+        assert "<b>Table 1</b> (GD with many demonstrations against ICL with 8) was skipped" \
+            in page and not (out / "shen_many_demos.csv").exists()
 
 
 def test_interrupted_run_resumes_without_redoing_units(tiny, tmp_path):
@@ -157,6 +160,17 @@ def _toml(tmp_path, text):
      r"integer >= 2"),
     ('[experiment]\nsections = ["shen"]\n[shen]\ncheckpoints = ["/nonexistent/step1"]',
      r"checkpoints\[0\] = '/nonexistent/step1': no such file or directory"),
+    ('[experiment]\nsections = ["shen"]\n[shen]\nmany_demos_tasks = ["agnews:/nonexistent/a.csv"]',
+     r"many_demos_tasks\[0\]: load_task\('agnews:/nonexistent/a.csv'\): /nonexistent/a.csv does not "
+     r"exist"),
+    ('[experiment]\nsections = ["shen"]\n[shen]\nmany_demos_tasks = "sst2:a.csv"',
+     r"many_demos_tasks = 'sst2:a.csv': expected a list"),
+    ('[experiment]\nsections = ["shen"]\n[shen]\nmany_demos_n = [0]',
+     r"many_demos_n\[0\] = 0: expected an integer >= 1"),
+    ('[experiment]\nsections = ["shen"]\n[[shen.many_demos_methods]]\nname = "a"\n'
+     '[[shen.many_demos_methods]]\nname = "a"', r"both named 'a'.*many_demos_methods"),
+    ('[experiment]\nsections = ["shen"]\n[[shen.many_demos_methods]]\nname = "a"\nepochs = 0',
+     r"many_demos_methods\[0\] epochs = 0: expected an integer >= 1"),
 ])
 def test_config_errors_name_the_key_and_come_before_any_model_load(tmp_path, text, match):
     import time
@@ -166,6 +180,30 @@ def test_config_errors_name_the_key_and_come_before_any_model_load(tmp_path, tex
         load_config(_toml(tmp_path, text))
     assert str(tmp_path / "c.toml") in str(e.value)  # the file is named
     assert time.perf_counter() - t0 < 2.0  # validation alone: no model was loaded
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(many_demos_n=[8, 64]), r"many_demos_n: 64, but task 'sst2:.*' has 16 items in its "
+     r"train split .* use many_demos_n <= 16"),
+    (dict(many_demos_queries=40), r"many_demos_queries: 40, but task .* has 16 items in its "
+     r"test split"),
+    (dict(many_demos_tasks="rte"), r"many_demos_tasks\[0\]: .*sst2.jsonl:1: missing field\(s\) \['premise'"),
+])
+def test_table1_file_errors_come_before_any_model_load(tmp_path, over, match, monkeypatch):
+    """Table 1's local copy is read, and sized against the demonstrations and queries asked
+    for, before any model loads."""
+    path = tmp_path / "sst2.jsonl"
+    path.write_text("".join(json.dumps({"sentence": f"film {i} was {'good' if i % 2 else 'bad'}",
+                                        "label": i % 2}) + "\n" for i in range(40)))
+    if over.get("many_demos_tasks") == "rte":  # an SST-2 file read as RTE: no premise column
+        over = dict(over, many_demos_tasks=[f"rte:{path}"])
+    shen = {"tasks": ["capital"], "many_demos_tasks": [f"sst2:{path}"], "many_demos_n": [8],
+            **over}
+    monkeypatch.setattr(ip, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ip.ConfigError, match=match):
+        cfg = Config.from_dict({"experiment": {"name": "t", "sections": ["shen"]},
+                                "shen": shen}, "t")
+        run_experiment(cfg, out=tmp_path / "o", progress=False)
 
 
 def test_cli_rejects_bad_runs_before_loading(tmp_path, capsys):

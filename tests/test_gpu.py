@@ -1,5 +1,6 @@
 """GPU paths (CUDA, bf16); skipped where no CUDA device is present (CI never has one)."""
 
+import numpy as np
 import pytest
 import torch
 from transformers import DynamicCache
@@ -112,9 +113,13 @@ def test_whole_model_epochs_on_cuda_bf16_checkpoint_and_restore_exactly():
 @cuda
 def test_compare_and_shen_curves_run_on_cuda_and_agree_with_the_cpu():
     """Every metric of a compare() unit and of Shen's curves, on the GPU against the same
-    model on the CPU, both in float64 (in float32, accumulation order alone swapped near-tied
-    ranks or top-10 sets: one value moved by 0.024 on an H200). The random baselines are
-    drawn on the CPU, the same draws on every device, so every value agrees to 1e-6."""
+    model on the CPU, both in float64, with the random baselines drawn on the CPU (the same
+    draws on every device). Measured on an H200: scores agree to 2e-8 of 0.085 and logits to
+    7e-8 of 0.39, float32's precision, not float64's, because transformers' eager attention
+    takes its softmax in float32 whatever the model's dtype. Every value agrees to 1e-6 but two
+    that amplify it: SimAM_delta, a cosine between two differences of nearly equal score
+    vectors (a fine-tune of 3 steps moves the scores by ~1e-5: it differed by up to 0.024),
+    and Kendall's tau over near-tied attention weights (4e-5)."""
     kw = dict(seed=12, dtype="float64")
     runs = {}
     for dev in ("cpu", "cuda"):
@@ -129,5 +134,8 @@ def test_compare_and_shen_curves_run_on_cuda_and_agree_with_the_cpu():
     for a, b in ((s_cpu, s_gpu), (c_cpu, c_gpu)):
         x, y = a["value"].to_numpy(float), b["value"].to_numpy(float)
         assert ((x != x) == (y != y)).all()  # NaN in the same places
-        ok = x == x
-        assert abs(x[ok] - y[ok]).max() < 1e-6, abs(x[ok] - y[ok]).max()
+        diff = abs(np.nan_to_num(x) - np.nan_to_num(y))
+        loose = np.where(a.metric.astype(str) == "SimAM_delta", 0.05,
+                         np.where(a.metric.astype(str).str.startswith("Kendall"), 1e-3, 1e-6))
+        shown = a.assign(gpu=y)[diff > 1e-6][["metric", "value", "gpu"]].to_string()
+        assert (diff <= loose).all(), shown

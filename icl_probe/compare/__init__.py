@@ -12,7 +12,8 @@ from .metrics import (kendall_icl_ft, kendall_tau, kl, order_sensitivity, overla
                       uniform_random_cos)
 from .order import order_sensitivity_table
 from .protocol import Comparison, Tables, compare
-from .shen import SHEN_METRICS, checkpoint_table, order_curves, shen_curves
+from .shen import (SHEN_METRICS, checkpoint_table, many_demos_table, order_curves,
+                   shen_curves)
 from .queries import demonstrations, resolve_queries
 from .summary import (ANCHORS, TABLE_METRICS, anchor_column, compact_table, lr_grid, select_lr,
                       summarise, sweep_rows)
@@ -26,5 +27,6 @@ __all__ = [
     "kendall_tau", "kl", "lr_grid", "metrics", "order_sensitivity", "order_sensitivity_table",
     "overlap_cosine", "rec2ftp", "resolve_queries", "same_norm_random", "select_lr", "simam",
     "simaou", "simaou_uniform_random", "stats", "summarise", "sweep_rows", "top_overlap",
-    "uniform_random_cos", "SHEN_METRICS", "checkpoint_table", "order_curves", "shen_curves",
+    "uniform_random_cos", "SHEN_METRICS", "checkpoint_table", "many_demos_table", "order_curves",
+    "shen_curves",
 ]

@@ -123,6 +123,51 @@ def order_curves(model: Any, task: Any, *, n_demos: int, methods: Sequence[Epoch
     return pd.DataFrame(rows)
 
 
+def many_demos_table(model: Any, task: Any, *, n_train: Sequence[int],
+                     method: EpochFineTune, lrs: Sequence[float], icl_n: int = 8,
+                     queries: Any = 16, seed: int = 0, ci_seed: int = 0,
+                     references: bool = True) -> pd.DataFrame:
+    """Table 1: GD trained on many demonstrations against ICL with ``icl_n``, on ``queries``
+    test queries. The demonstration sets are nested, the first N items of the seed's shuffle of
+    the train split (:func:`~icl_probe.compare.demonstrations`), so GD with N = ``icl_n``
+    trains on exactly ICL's demonstrations. GD's N demonstrations are cut into prompts of
+    ``icl_n`` (no prompt need hold all of them; each demonstration is its own training example
+    anyway) and trained for ``method.epochs`` epochs at each rate. Rows: ``icl`` (accuracy,
+    ``n_train`` = ``icl_n``), and per (N, lr) at the last epoch the accuracy of GD and its
+    token overlap and overlap cosine with ICL (as :func:`shen_curves`); a ``diverged`` row
+    where training diverged."""
+    task = load_task(task)
+    if not isinstance(icl_n, int) or icl_n < 1 or not n_train or \
+            any(not isinstance(n, int) or n < 1 for n in n_train):
+        raise CompareError(f"many_demos_table(icl_n={icl_n!r}, n_train={list(n_train)!r}): "
+                           "expected positive integers")
+    query_idx = resolve_queries(task, queries, "test")
+    order = demonstrations(task, max(*n_train, icl_n), seed, exclude=query_idx)
+    pairs = [build_prompt(model, task, q, demos=order[:icl_n], seed=seed) for q in query_idx]
+    p_icl = _probs(model, pairs, "icl")
+    gold = [p.target_id for p in pairs]
+    rows = _summary_rows({"method": "icl", "n_train": icl_n},
+                         {"accuracy": _accuracy(p_icl, gold)}, ci_seed) if references else []
+    for n in n_train:
+        chunks = [build_prompt(model, task, query_idx[0], demos=order[i:min(i + icl_n, n)],
+                               seed=seed) for i in range(0, n, icl_n)]
+        for lr in lrs:
+            cfg = dataclasses.replace(method, lr=lr)
+            keys = {"method": cfg.name, "params": cfg.params, "optimizer": cfg.optimizer,
+                    "batch_size": cfg.batch_size, "lr": lr, "n_train": n}
+            last: dict[str, torch.Tensor] = {}
+            run = finetune_epochs(model, chunks, cfg, eval_every=cfg.epochs, seed=seed,
+                                  keep_deltas=False, checkpoint=lambda epoch, m: last.update(
+                                      p=_probs(m, pairs, "zs")))
+            if run.diverged_at is not None:
+                rows.append({**keys, "epoch": run.diverged_at, "metric": "diverged",
+                             "value": 1.0, "n": len(pairs)})
+                continue
+            rows += _summary_rows({**keys, "epoch": cfg.epochs},
+                                  _against(p_icl, last["p"], gold), ci_seed)
+    return pd.DataFrame(rows)
+
+
 def checkpoint_table(checkpoints: Sequence[Any], task: Any, *, n_demos: int, queries: Any = 8,
                      seed: int = 0, load: Callable[[Any], Any] = load_model,
                      ci_seed: int = 0) -> pd.DataFrame:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 from typing import Any
 
 from ..gd import PARAM_SETS
@@ -47,4 +48,17 @@ def input_digests(config: Config) -> dict[str, str]:
     task depend on its contents, not just its path."""
     specs = sorted({t for sec in config.sections
                     for t in getattr(config.settings(sec), "tasks", []) or []})
-    return {t: hashlib.sha256(task_file(t).read_bytes()).hexdigest()[:16] for t in specs}
+    files = {t: task_file(t) for t in specs}
+    for sec in config.sections:
+        files.update(SECTIONS[sec].data_files(config.settings(sec)))
+    return {t: _digest(Path(f)) for t, f in sorted(files.items())}
+
+
+def _digest(path: Path) -> str:
+    """sha256 of a file, or of a directory's files (names and contents, in sorted order)."""
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if f.is_file():
+            h.update(str(f.relative_to(path) if path.is_dir() else "").encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]

@@ -6,8 +6,9 @@ icl-probe.
 """
 
 from .datasets import ANCHOR_DATASETS, load_anchor_dataset
-from .task import (DEFAULT_TEMPLATE, SPLITS, Item, Task, check_template, load_task,
-                   read_task_file, shipped_tasks)
+from .load import load_task
+from .task import (DEFAULT_TEMPLATE, SPLITS, Item, Task, check_template, read_task_file,
+                   shipped_tasks)
 
 __all__ = [
     "ANCHOR_DATASETS", "DEFAULT_TEMPLATE", "Item", "SPLITS", "Task", "check_template",

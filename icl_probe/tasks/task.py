@@ -231,21 +231,3 @@ def read_task_file(path: str | Path) -> Task:
         path=str(path),
         explicit_split=header.get("split"),
     )
-
-
-def load_task(name_or_path: str | Path | Task) -> Task:
-    """A shipped task by name (``ip.load_task("capital")``), or a task file by path."""
-    if isinstance(name_or_path, Task):
-        return name_or_path
-    text = str(name_or_path)
-    shipped = DATA_DIR / f"{text}.jsonl"
-    if "/" not in text and shipped.is_file():
-        return read_task_file(shipped)
-    path = Path(text).expanduser()
-    if path.is_file():
-        return read_task_file(path)
-    raise TaskFileError(
-        f"load_task({text!r}): no shipped task of that name and no such file. "
-        f"Shipped tasks: {', '.join(shipped_tasks())}; or pass the path of a .jsonl task file"
-    )
-

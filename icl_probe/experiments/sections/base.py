@@ -98,6 +98,12 @@ class Section:
         ``(where, parameter set)`` pairs that must be checked against each model's layers."""
         return []
 
+    def data_files(self, s: Any) -> dict[str, str]:
+        """Files beyond its ``tasks`` that the section's results depend on, ``{name: path}``:
+        their digests join the run's stamp, so a changed file is never mixed with results
+        computed from the old one."""
+        return {}
+
     def group(self, unit: Any) -> tuple:
         """Units that must run in one shard share a group; by default each stands alone."""
         return (self.name, unit.id)

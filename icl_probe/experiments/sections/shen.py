@@ -1,6 +1,8 @@
 """``[shen]``: Shen, Mishra and Khashabi's figures (REFERENCE §6, docs/protocol.md): the
-sparsity of W_Q/W_K/W_V against the threshold (Fig. 2), order sensitivity over epochs (Fig. 4)
-and ICL against GD over epochs beside the ICL-reordered reference (Fig. 5).
+sparsity of W_Q/W_K/W_V against the threshold (Fig. 2), ICL accuracy and weight change across
+checkpoints (Fig. 3), order sensitivity over epochs (Fig. 4), ICL against GD over epochs beside
+the ICL-reordered reference (Fig. 5), and GD with many demonstrations against ICL with 8
+(Table 1, on a local copy of an anchor dataset; skipped with a note without one).
 
 Fine-tuning settings are typed tables, each read at checkpoints of one run::
 
@@ -13,7 +15,8 @@ Fine-tuning settings are typed tables, each read at checkpoints of one run::
     lrs = [1e-3, 1e-4]
     loss_tokens = "label"       # Shen et al.'s choice
 
-``[[shen.order_methods]]`` lists the settings of Fig. 4 the same way.
+``[[shen.order_methods]]`` lists the settings of Fig. 4 the same way, and
+``[[shen.many_demos_methods]]`` those of Table 1.
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ from typing import Any
 import pandas as pd
 
 from ... import dual
-from ...compare import checkpoint_table, order_curves, shen_curves
+from ...compare import checkpoint_table, many_demos_table, order_curves, shen_curves
 from ...errors import ConfigError
+from ...html import esc
 from ...gd import OPTIMIZERS, PARAM_SETS, SUB_MODEL_LAYERS, EpochFineTune
 from ...models import ModelShape, load_model
+from ...tasks import load_task
 from ..checks import check_split_sizes
-from ..labels import labeled_task
+from ..labels import labeled_task, task_file
 from ..settings import (choice, integer, list_of, loss_tokens, model_spec, rate, setting,
                         tables_of, task_spec, text)
 from ..sizing import finetune_bytes, prompt_tokens, trainable_count
@@ -78,6 +83,11 @@ def _order_methods() -> list[dict]:
                             ("sgd_b4", "sgd", 4), ("adam_b1", "adam", 1))]
 
 
+def _many_demos_methods() -> list[dict]:
+    return [dict(name="gd_all", params="all", optimizer="sgd", batch_size=8, epochs=10,
+                 lrs=[1e-4], loss_tokens="label")]
+
+
 @dataclass(frozen=True)
 class ShenSettings:
     """``[shen]``: Shen et al.'s Fig. 2, 4 and 5 (see the module docstring)."""
@@ -98,12 +108,22 @@ class ShenSettings:
     # hub ids in the local cache); none by default
     checkpoints: list[str] = setting(list_of(model_spec, nonempty=False), [])
     checkpoint_n_demos: int = setting(integer(1), 8)
+    # Table 1: GD trained on many_demos_n demonstrations against ICL with many_demos_icl_n, on
+    # local copies of anchor datasets, "NAME:PATH" (docs/datasets.md); none by default (the
+    # report says it was skipped)
+    many_demos_tasks: list[str] = setting(list_of(task_spec, nonempty=False), [])
+    many_demos_n: list[int] = setting(list_of(integer(1)), [8, 32, 128, 512])
+    many_demos_icl_n: int = setting(integer(1), 8)
+    many_demos_queries: int = setting(integer(1), 16)
+    many_demos_methods: list[dict] = setting(tables_of(ShenMethod, nonempty=False),
+                                             factory=_many_demos_methods)
 
 
 @dataclass(frozen=True)
 class ShenUnit(Unit):
     """``part``: ``sparsity`` (one per model), ``curves`` (per task, N and seed), ``order`` or
-    ``checkpoints`` (per task and seed)."""
+    ``checkpoints`` (per task and seed), ``many_demos`` (per seed; ``task`` is the anchor
+    dataset, ``n_demos`` ICL's demonstrations)."""
 
     section = "shen"
     part: str = "curves"
@@ -117,7 +137,8 @@ class Shen(Section):
     Settings = ShenSettings
     Unit = ShenUnit
     output_files = {"curves": "shen_curves.csv", "order": "shen_order.csv",
-                    "sparsity": "shen_sparsity.csv", "checkpoints": "shen_checkpoints.csv"}
+                    "sparsity": "shen_sparsity.csv", "checkpoints": "shen_checkpoints.csv",
+                    "many_demos": "shen_many_demos.csv"}
 
     def units(self, s: ShenSettings) -> list[ShenUnit]:
         out = [ShenUnit(part="sparsity")]
@@ -129,24 +150,36 @@ class Shen(Section):
         if s.order_methods:
             out += [ShenUnit(part="order", task=t, n_demos=s.order_n_demos, seed=seed)
                     for t in s.tasks for seed in s.seeds]
+        if s.many_demos_methods:
+            out += [ShenUnit(part="many_demos", task=t, n_demos=s.many_demos_icl_n, seed=seed)
+                    for t in s.many_demos_tasks for seed in s.seeds]
         return out
 
     def validate(self, values: dict, where: str) -> None:
-        names = [m["name"] for m in values["methods"] + values["order_methods"]]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ConfigError(f"{where}: [shen] two methods are both named {dup[0]!r}; each "
-                              "[[shen.methods]] / [[shen.order_methods]] table needs its own "
-                              "name (it labels the curves)")
+        for tables in (("methods", "order_methods"), ("many_demos_methods",)):
+            names = [m["name"] for t in tables for m in values[t]]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ConfigError(
+                    f"{where}: [shen] two methods are both named {dup[0]!r}; each "
+                    f"{' / '.join(f'[[shen.{t}]]' for t in tables)} table needs its own name "
+                    "(it labels the curves)")
 
     def check_inputs(self, s: ShenSettings, where: str) -> list[tuple[str, str]]:
         check_split_sizes(self.name, s.tasks, [
             ("n_demos", max(s.n_demos), "train"), ("order_n_demos", s.order_n_demos, "train"),
             ("checkpoint_n_demos", s.checkpoint_n_demos, "train"),
             ("queries", s.queries, "test"), ("order_queries", s.order_queries, "test")], where)
+        if s.many_demos_tasks:
+            check_split_sizes(self.name, s.many_demos_tasks, [
+                ("many_demos_n", max(*s.many_demos_n, s.many_demos_icl_n), "train"),
+                ("many_demos_queries", s.many_demos_queries, "test")], where)
         return [(f"{where} [shen] methods {m['name']!r} params", m["params"])
-                for m in s.methods + s.order_methods
+                for m in s.methods + s.order_methods + s.many_demos_methods
                 if m["params"].startswith("v:") and m["params"] not in SUB_MODEL_LAYERS]
+
+    def data_files(self, s: ShenSettings) -> dict[str, str]:
+        return {t: str(task_file(t)) for t in s.many_demos_tasks}
 
     def run(self, model: Any, u: ShenUnit, s: ShenSettings, ctx: dict
             ) -> dict[str, pd.DataFrame]:
@@ -154,6 +187,14 @@ class Shen(Section):
             return {"checkpoints": checkpoint_table(
                 s.checkpoints, labeled_task(u.task, s.tasks), n_demos=u.n_demos,
                 queries=s.queries, seed=u.seed, load=load_model)}
+        if u.part == "many_demos":
+            task = labeled_task(u.task, s.many_demos_tasks)
+            return {"many_demos": pd.concat([many_demos_table(
+                model, task, n_train=s.many_demos_n, method=ShenMethod(**m).fine_tune(),
+                lrs=m["lrs"], icl_n=u.n_demos, queries=s.many_demos_queries, seed=u.seed,
+                references=i == 0).pipe(_named, m["name"])
+                for i, m in enumerate(s.many_demos_methods)], ignore_index=True).assign(
+                    task=task.name)}
         if u.part == "sparsity":
             return {"sparsity": pd.concat([
                 dual.head_sparsity(model, s.sparsity_thresholds, relative=r).assign(
@@ -169,8 +210,7 @@ class Shen(Section):
             t = shen_curves(model, task, queries=s.queries, **kw) if u.part == "curves" \
                 else order_curves(model, task, queries=s.order_queries,
                                   orderings=s.orderings, **kw)
-            mine = t.method.isin(["icl", "icl_reordered"])
-            parts.append(t.assign(method=t.method.where(mine, m.name)))
+            parts.append(_named(t, m.name))
         return {u.part: pd.concat(parts, ignore_index=True)}
 
     def memory(self, shape: ModelShape, s: ShenSettings, b: int) -> Memory:
@@ -184,6 +224,17 @@ class Shen(Section):
             if x > ft:
                 ft, note = x, (f"shen {m['name']!r}: {m['optimizer']} on {m['params']}, "
                                f"backward over {tokens} tokens")
+        if s.many_demos_tasks and s.many_demos_methods:
+            # a batch holds one graph per example: batch size x the longest demonstration
+            one = prompt_tokens(shape, s.many_demos_tasks, 1)[3]
+            for m in s.many_demos_methods:
+                opt = 2 if m["optimizer"] == "adam" else 0
+                tokens = one * min(m["batch_size"] or max(s.many_demos_n), max(s.many_demos_n))
+                params = "v:0" if m["params"] in SUB_MODEL_LAYERS else m["params"]
+                x = finetune_bytes(shape, trainable_count(shape, params), tokens, b, opt)
+                if x > ft:
+                    ft, note = x, (f"shen Table 1 {m['name']!r}: {m['optimizer']} on "
+                                   f"{m['params']}, backward over {tokens} tokens")
         return Memory(finetune=ft, finetune_note=note, how=how)
 
     def tables(self, tabs: dict[str, pd.DataFrame]) -> list[tuple[str, Any]]:
@@ -197,7 +248,29 @@ class Shen(Section):
             o = tabs["order"]
             out.append(("Fig. 4: order sensitivity per epoch", o.drop(
                 columns=[x for x in ("part",) if x in o]).round(4)))
+        if "many_demos" in tabs:
+            m = tabs["many_demos"]
+            out.append(("Table 1: GD trained on n_train demonstrations (last epoch) against "
+                        "ICL with n_demos (mean over queries, 95 % interval)",
+                        m.drop(columns=[x for x in ("part",) if x in m]).round(4)))
         return out
+
+    def intro(self, values: dict, tabs: dict[str, pd.DataFrame]) -> str:
+        s = ShenSettings(**values)
+        if s.many_demos_tasks:
+            return ""
+        return (f"<p><b>Table 1</b> (GD with many demonstrations against ICL with "
+                f"{esc(s.many_demos_icl_n)}) was skipped: it needs a local copy of an anchor "
+                "dataset, and <code>many_demos_tasks</code> names none. Set it in "
+                "<code>[shen]</code> to a list of NAME:PATH, e.g. "
+                "<code>[\"sst2:/data/sst2/train.jsonl\"]</code>; docs/datasets.md lists the "
+                "files accepted.</p>")
 
     def figures(self, tabs: dict[str, pd.DataFrame]) -> list[Any]:
         return figures(tabs)
+
+
+def _named(t: pd.DataFrame, name: str) -> pd.DataFrame:
+    """``t`` with its fine-tune rows named by their config table (references keep theirs)."""
+    return t.assign(method=t.method.where(t.method.isin(["icl", "icl_reordered"]), name))
+

@@ -1,18 +1,22 @@
 """The figures of the ``shen`` section, laid out as Shen et al.'s: Fig. 2 (sparsity against
-the threshold beside the construction's requirement), Fig. 4 (order sensitivity over epochs)
-and Fig. 5 (a grid of metrics by GD variant over epochs, ICL and ICL-reordered as lines)."""
+the threshold beside the construction's requirement), Fig. 3 (ICL accuracy and weight change
+across checkpoints), Fig. 4 (order sensitivity over epochs), Fig. 5 (a grid of metrics by GD
+variant over epochs, ICL and ICL-reordered as lines) and Table 1 drawn against the number of
+demonstrations GD trains on."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pandas as pd
+import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ...compare import ANCHORS, SHEN_METRICS
 
 _DASH = {"icl": "solid", "icl_reordered": "dash"}
+_COLORS = px.colors.qualitative.Plotly  # one color per curve, the same in every panel
 
 
 def _anchor(metric: str) -> float:
@@ -32,6 +36,9 @@ def figures(tabs: dict[str, pd.DataFrame]) -> list[Any]:
     if "curves" in tabs:
         figs += [_curves(d, task, n) for (task, n), d in
                  tabs["curves"].groupby(["task", "n_demos"], sort=False)]
+    if "many_demos" in tabs:
+        figs += [_many_demos(d, task) for task, d in tabs["many_demos"].groupby("task",
+                                                                                sort=False)]
     return figs
 
 
@@ -135,4 +142,37 @@ def _checkpoints(d: pd.DataFrame, task: str) -> Any:
     fig.update_yaxes(title_text="average weight change", secondary_y=True)
     fig.update_layout(title=f"Fig. 3 ({task}): ICL accuracy and average weight change across "
                             "checkpoints", height=420)
+    return fig
+
+
+def _many_demos(d: pd.DataFrame, task: str) -> Any:
+    """Table 1: GD's accuracy and its agreement with ICL against the number of demonstrations
+    it trains on (log scale), one curve per (method, lr) with its interval; ICL's accuracy
+    with its own few demonstrations as a line."""
+    metrics = [m for m in SHEN_METRICS if m in set(d.metric)]
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[
+        "accuracy" if m == "accuracy" else f"{m} with ICL" for m in metrics])
+    icl = d[(d.method == "icl") & (d.metric == "accuracy")]
+    for j, metric in enumerate(metrics, 1):
+        g = d[(d.method != "icl") & (d.metric == metric)]
+        for k, ((method, lr), h) in enumerate(g.groupby(["method", "lr"], sort=False)):
+            h = h.sort_values("n_train")
+            fig.add_trace(go.Scatter(
+                x=h.n_train, y=h.value, mode="lines+markers", name=f"{method} (lr {lr:g})",
+                line=dict(color=_COLORS[k % len(_COLORS)]),
+                legendgroup=f"{method} {lr}", showlegend=j == 1,
+                error_y=dict(type="data", symmetric=False, array=h.ci_high - h.value,
+                             arrayminus=h.value - h.ci_low)), row=1, col=j)
+        if metric == "accuracy" and len(icl):
+            fig.add_hline(y=float(icl.value.iloc[0]), line=dict(color="black", width=2),
+                          annotation_text=f"ICL, {int(icl.n_train.iloc[0])} demos", row=1, col=j)
+    fig.update_xaxes(type="log", title_text="demonstrations GD trains on")
+    fig.update_yaxes(range=[0, 1.02])
+    key = str(task).lower().replace("-", "").replace("_", "")
+    pub = ANCHORS[ANCHORS.metric.isin([f"shen_table1_{key}_first", f"shen_table1_{key}_second"])]
+    shen = (f"Shen et al., LLaMA-7B: {pub.value.iloc[0]:.2f} and {pub.value.iloc[1]:.2f} "
+            "(which column is which is unclear)" if len(pub) == 2
+            else "no published value for this dataset")
+    fig.update_layout(title=f"Table 1 ({task}): GD with many demonstrations against ICL "
+                            f"(mean over queries, 95 % interval). {shen}", height=420)
     return fig
