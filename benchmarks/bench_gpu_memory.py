@@ -109,6 +109,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--small", action="store_true", help="a 2-layer smoke test of the script")
     ap.add_argument("--tokenizer", default=None, help="a saved tokenizer directory")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="run only the steps whose name contains one of these words")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
@@ -142,7 +144,10 @@ def main() -> None:
             model, "sentiment", n_demos=8, methods=[EpochFineTune(params="all", epochs=2)],
             lrs=[1e-5], queries=8, eval_every=1)),
     ]
-    for name, inference, fn in steps if args.tokenizer else steps[:4]:
+    steps = steps if args.tokenizer else steps[:4]
+    if args.only:
+        steps = [x for x in steps if any(w in x[0] for w in args.only)]
+    for name, inference, fn in steps:
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()

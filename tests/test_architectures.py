@@ -411,8 +411,9 @@ def test_finetune_step_queries_are_post_rotary(family):
 def test_half_precision_records_are_float32():
     model = ip.tiny_model("neox", dtype=torch.bfloat16, seed=1, **FUSED_SIZES)
     rec = ip.trace(model, _pairs(model), what=("q", "k", "scores", "pattern", "z"))
-    assert {x.dtype for x in (*rec.data.values(), rec.logits, *rec.weights.values())} == \
-        {torch.float32}
+    assert {x.dtype for x in (*rec.data.values(), rec.logits, rec.W_Q, rec.W_K, rec.W_V,
+                              rec.W_O)} == {torch.float32}
+    assert {w.dtype for w in rec.weights.values()} == {torch.bfloat16}  # the stack: model dtype
 
 
 def test_bf16_identities_hold_to_bf16_on_the_embedded_model():

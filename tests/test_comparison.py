@@ -4,12 +4,13 @@ small end-to-end run on the embedded model."""
 import itertools
 import math
 
+import pandas as pd
 import pytest
 import torch
 
 import icl_probe as ip
 from icl_probe.compare import metrics as C
-from icl_probe.compare import order_sensitivity_table
+from icl_probe.compare import Comparison, order_sensitivity_table
 
 TOL = 1e-12
 
@@ -211,3 +212,21 @@ def test_untrained_copies_keep_what_they_say():
     fresh_names = {n.replace("._original_component", ""): p for n, p in fresh.named_parameters()}
     assert torch.equal(names[norm], emb_names[norm])
     assert not torch.equal(names[norm], fresh_names[norm])
+
+
+def test_one_random_weight_baseline_model_at_a_time_and_rebuilt_identical():
+    """A Comparison holds one random-weight baseline model at a time: building the other drops
+    it, and a later run rebuilds it from its seed with identical results. Models the caller
+    gives in baseline_models are never dropped."""
+    model = ip.tiny_model(seed=3)
+    mine = ip.models.untrained_copy(model, "none", seed=9)
+    c = Comparison(model, "capital", k=2, queries=3, baseline_models={"mine": mine})
+    cfg = ip.FineTuneConfig(method="dai", params="kv", lr=1e-2)
+    first = c.run(cfg, 0, "untrained")["per_query"]
+    assert set(c.models) == {"mine", "untrained"}
+    c.run(cfg, 0, "embeddings_only")
+    assert set(c.models) == {"mine", "embeddings_only"}  # untrained was dropped
+    c._refs.clear()  # recompute the references on the rebuilt model too
+    again = c.run(cfg, 0, "untrained")["per_query"]
+    assert set(c.models) == {"mine", "untrained"} and c.models["mine"] is mine
+    pd.testing.assert_frame_equal(first, again)

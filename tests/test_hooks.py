@@ -216,10 +216,16 @@ def test_empty_and_too_long_prompts(tiny64):
         ip.trace(tiny64, [torch.zeros(tiny64.cfg.n_ctx + 1, dtype=torch.long)])
 
 
-def test_records_of_a_half_precision_model_share_one_widened_weight_stack():
+def test_records_of_a_half_precision_model_share_one_stack_widened_on_access():
     model = ip.tiny_model(dtype=torch.bfloat16, seed=5)
     pairs = ip.build_prompts(model, "capital", range(2), k=2)
     a, b = ip.trace(model, pairs[:1]), ip.trace(model, pairs[1:])
     for name in ("W_Q", "W_K", "W_V", "W_O"):
-        assert a.weights[name].dtype == torch.float32
+        assert a.weights[name].dtype == torch.bfloat16  # stored in the model's dtype
         assert a.weights[name].data_ptr() == b.weights[name].data_ptr(), name  # one copy
+        w = getattr(a, name)  # handed out in float32, exactly the model's values
+        assert w.dtype == torch.float32
+        stored = a.weights[name].float()
+        if name in ("W_K", "W_V"):
+            stored = stored[:, a.kv_head_of]
+        assert torch.equal(w, stored)

@@ -18,11 +18,12 @@ from .queries import demonstrations, resolve_queries
 from .summary import (ANCHORS, TABLE_METRICS, anchor_column, compact_table, lr_grid, select_lr,
                       summarise, sweep_rows)
 from .vocabulary import (BASELINES, ICL_WHAT, IN_RUN_BASELINES, LAYER_CI_METRICS, POSITIONS,
-                         PROTOCOLS, SIMILARITIES, ZS_BATCH, ZS_WHAT)
+                         PROTOCOLS, SIMILARITIES, ZS_BATCH, ZS_HELD, ZS_WHAT)
 
 __all__ = [
     "ANCHORS", "BASELINES", "Comparison", "ICL_WHAT", "IN_RUN_BASELINES", "LAYER_CI_METRICS",
-    "POSITIONS", "PROTOCOLS", "SIMILARITIES", "TABLE_METRICS", "Tables", "ZS_BATCH", "ZS_WHAT",
+    "POSITIONS", "PROTOCOLS", "SIMILARITIES", "TABLE_METRICS", "Tables", "ZS_BATCH", "ZS_HELD",
+    "ZS_WHAT",
     "anchor_column", "compact_table", "compare", "demonstrations", "kendall_icl_ft",
     "kendall_tau", "kl", "lr_grid", "metrics", "order_sensitivity", "order_sensitivity_table",
     "overlap_cosine", "rec2ftp", "resolve_queries", "same_norm_random", "select_lr", "simam",

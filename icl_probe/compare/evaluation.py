@@ -43,6 +43,8 @@ def _evaluate(model: Any, refs: _Refs, fts: list[Any], cfg: FineTuneConfig, *, g
     baselines are drawn from ``gen`` in a fixed order (query by query: output, attention and
     weight directions, then Kendall's per layer), so a run is reproducible."""
     pairs = refs.pairs
+    # the base model's zero-shot k and v, traced again here rather than kept for reuse
+    zs_kv = trace(model, pairs, kind="zs", what=("k", "v"), batch_size=ZS_BATCH, weights=False)
     ft_of = _ft_runs(pairs, fts)
     ft_logits_all, ft_pred = _ft_predictions(pairs, fts, ft_of, position)
     rows_q, rows_l, rows_h = [], [], []
@@ -51,7 +53,7 @@ def _evaluate(model: Any, refs: _Refs, fts: list[Any], cfg: FineTuneConfig, *, g
         row = _query_row(keys, refs, b, ft, ft_logits_all[b], ft_pred[b])
         rows_q.append(row)
         collapsed = row["ft_collapsed"]
-        per_layer = _layer_similarities(refs, b, ftr, i, gen)
+        per_layer = _layer_similarities(refs, zs_kv, b, ftr, i, gen)
         ken = _kendall_rows(refs, b, ft, ftr, i, cfg, gen, collapsed)
         icl = refs.icl
         for li, l in enumerate(icl.layers):
@@ -74,9 +76,10 @@ def _ft_runs(pairs: list[PromptPair], fts: list[Any]) -> list[tuple[Any, Any, in
     """Per query: its fine-tune, the trace of the fine-tuned model on its ZS prompt, and its
     row in that trace."""
     if len(fts) == 1:
-        ftr = trace(fts[0].model, pairs, kind="zs", what=ZS_WHAT, batch_size=ZS_BATCH)
+        ftr = trace(fts[0].model, pairs, kind="zs", what=ZS_WHAT, batch_size=ZS_BATCH,
+                    weights=False)
         return [(fts[0], ftr, b) for b in range(len(pairs))]
-    return [(ft, trace(ft.model, [pairs[b]], kind="zs", what=ZS_WHAT), 0)
+    return [(ft, trace(ft.model, [pairs[b]], kind="zs", what=ZS_WHAT, weights=False), 0)
             for b, ft in enumerate(fts)]
 
 
@@ -133,10 +136,11 @@ def _query_row(keys: dict, refs: _Refs, b: int, ft: Any, ft_logits: torch.Tensor
             "kl_icl_ft": M.kl(probs["icl"], probs["ft"])}
 
 
-def _layer_similarities(refs: _Refs, b: int, ftr: Any, i: int, gen: torch.Generator
-                        ) -> dict[str, Any]:
+def _layer_similarities(refs: _Refs, zs_kv: Any, b: int, ftr: Any, i: int,
+                        gen: torch.Generator) -> dict[str, Any]:
     """Per layer for query ``b``: SimAOU (normalised or not) and SimAM with their in-run
-    baselines, and the weight-space cosine per kv head with its random baseline."""
+    baselines, and the weight-space cosine per kv head with its random baseline (``zs_kv``:
+    the base model's zero-shot k and v)."""
     pair, zs, icl = refs.pairs[b], refs.zs, refs.icl
     h_zs, h_icl = zs.at_pred("attn_out")[:, b].double(), icl.at_pred("attn_out")[:, b].double()
     h_ft = ftr.at_pred("attn_out")[:, i].double()
@@ -156,7 +160,7 @@ def _layer_similarities(refs: _Refs, b: int, ftr: Any, i: int, gen: torch.Genera
     zs_all = torch.arange(len(pair.zs_ids))
     n_zs = len(pair.zs_ids)
     dM_gd = (_kv_operator(ftr.data["k"][:, i, :n_zs], ftr.data["v"][:, i, :n_zs])
-             - _kv_operator(zs.data["k"][:, b, zs_all], zs.data["v"][:, b, zs_all]))
+             - _kv_operator(zs_kv.data["k"][:, b, zs_all], zs_kv.data["v"][:, b, zs_all]))
     dM_icl = refs.dM_icl[b]
     w_cos = M._cos(dM_icl.flatten(-2), dM_gd.flatten(-2))  # layer kv_head
     w_rand = M._cos(dM_icl.flatten(-2), _draw(torch.randn, dM_gd.flatten(-2), gen))

@@ -39,6 +39,7 @@ True
 from __future__ import annotations
 
 import dataclasses
+import gc
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -81,6 +82,9 @@ class Tables:
     finetunes: int = 0
 
 
+BUILT = "_icl_probe_built_baseline"  # marks the random-weight models a Comparison built
+
+
 class Comparison:
     """The pieces of :func:`compare`, for callers (the experiment runner) that schedule the
     settings themselves. ZS/ICL runs and demonstration sets are computed once per (variant,
@@ -115,14 +119,23 @@ class Comparison:
             if run not in ("untrained", "embeddings_only"):
                 raise CompareError(f"baseline {run!r}: expected one of {BASELINES} or a name "
                                    "given in baseline_models")
+            # one random-weight model at a time: the other is dropped (rebuilt, identical from
+            # its seed, if a later unit needs it); models given in baseline_models stay
+            for name in [n for n, m in self.models.items() if getattr(m, BUILT, False)]:
+                del self.models[name]
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             keep = "none" if run == "untrained" else "embeddings"
-            self.models[run] = untrained_copy(self.model, keep, seed=self.model_seed)
+            built = untrained_copy(self.model, keep, seed=self.model_seed)
+            built.__dict__[BUILT] = True
+            self.models[run] = built
         return self.models[run]
 
     def pairs(self, run: str, seed: int, split: str) -> list[PromptPair]:
         key = (run, seed, split)
         if key not in self._pairs:
-            model = self.variant_model(run)
+            model = self.model  # a baseline model shares the tokenizer, context and BOS rule
             queries = self.queries if split == "test" else self.dev_queries
             shuffle = run == "shuffled_labels"
             if self.protocol == "shared":

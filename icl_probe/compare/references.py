@@ -12,7 +12,7 @@ import torch
 from ..hooks import predictions, trace, trace_shared_prefix
 from ..prompts import PromptPair
 from .queries import _at_label
-from .vocabulary import ICL_WHAT, ZS_BATCH, ZS_WHAT
+from .vocabulary import ICL_WHAT, ZS_BATCH, ZS_HELD
 
 
 @dataclass
@@ -35,16 +35,17 @@ def _kv_operator(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def _reference_runs(model: Any, pairs: list[PromptPair], protocol: str, position: str) -> _Refs:
     run_pairs = [_at_label(p) for p in pairs] if position == "label" else pairs
-    zs = trace(model, run_pairs, kind="zs", what=ZS_WHAT, batch_size=ZS_BATCH)
+    # the comparison reads activations only: no record keeps a stack of weights alive
+    zs = trace(model, run_pairs, kind="zs", what=ZS_HELD, batch_size=ZS_BATCH, weights=False)
     if protocol == "shared":
-        icl = trace_shared_prefix(model, run_pairs, what=ICL_WHAT)
+        icl = trace_shared_prefix(model, run_pairs, what=ICL_WHAT, weights=False)
         demo_pos = pairs[0].spans.demo_indices()
         pre = trace(model, [pairs[0].icl_ids[: int(demo_pos[-1]) + 1]], what=("k", "v"),
-                    positions="pred")
+                    positions="pred", weights=False)
         dM = _kv_operator(pre.data["k"][:, 0, demo_pos], pre.data["v"][:, 0, demo_pos])
         dM_icl = [dM] * len(pairs)
     else:
-        icl = trace(model, run_pairs, what=ICL_WHAT + ("k", "v"))
+        icl = trace(model, run_pairs, what=ICL_WHAT + ("k", "v"), weights=False)
         dM_icl = []
         for b, p in enumerate(pairs):
             d = p.spans.demo_indices()

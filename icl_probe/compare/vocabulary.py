@@ -39,7 +39,12 @@ ICL_WHAT = ("scores", "attn_out")
 ZS_BATCH = 32  # zero-shot prompts are short: larger batches cost little memory
 
 
-ZS_WHAT = ("q", "k", "v", "scores", "attn_out")
+ZS_WHAT = ("q", "k", "v", "scores", "attn_out")  # a fine-tuned model's zero-shot trace
+
+# what the zero-shot reference record keeps for reuse by every fine-tune of a (task, seed,
+# variant); its full-length k and v (most of a process's memory at 7B) are traced again, in
+# one short batch, by each evaluation that needs them (compare.evaluation)
+ZS_HELD = ("scores", "attn_out")
 
 
 def baseline_column(metric: str, baseline: str) -> str:

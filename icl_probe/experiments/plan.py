@@ -55,7 +55,7 @@ class Plan:
                 f"{m['n_kv_heads']} kv heads, d_model {m['d_model']}",
                 f"  read from {m['source']}",
                 f"  weights            {m['weights_gb']:8.2f} GB  (with the random-weight "
-                "baseline models the config runs, a copy each)",
+                "baseline model held beside it, one at a time)",
                 f"  fine-tune / unit   {m['finetune_gb']:8.2f} GB  ({m['finetune_note']})",
                 f"  traces / unit      {m['traces_gb']:8.2f} GB  ({m['traces_note']})",
                 f"  one process, peak  {m['process_gb']:8.2f} GB  (weights + a fine-tune + the "
@@ -69,8 +69,8 @@ class Plan:
 def plan(config: Config, *, model_name: str | None = None, dtype: str | None = None) -> Plan:
     """Parameters and memory per model, and units, of ``config`` without loading weights.
 
-    Per model: ``weights_gb`` (the model, plus a copy for each random-weight baseline model
-    the config runs), ``finetune_gb`` (one fine-tune), ``traces_gb`` (what one unit traces)
+    Per model: ``weights_gb`` (the model, plus the one random-weight baseline model held at
+    a time, if the config runs any), ``finetune_gb`` (one fine-tune), ``traces_gb`` (what one unit traces)
     and ``process_gb``: what a process running every unit of the model holds at its peak.
     An ``icl_vs_gd`` process keeps the zero-shot and ICL records of every (task, seed,
     variant) it has run, so that later units reuse them; a shard holding fewer tasks holds

@@ -17,13 +17,14 @@ from ..tasks import load_task
 
 
 def record_bytes(shape: ModelShape, what: Iterable[str], n_prompts: int, tokens: int, *,
-                 positions: int = 1, logits: bool = True, weights: bool = True) -> int:
+                 positions: int = 1, logits: bool = True, weights: bool = True,
+                 weight_bytes: int = 4) -> int:
     """Bytes of an :class:`~icl_probe.hooks.AttentionRecord` of ``n_prompts`` prompts padded
     to ``tokens``, holding ``what`` at ``positions`` captured positions of every layer, with
     (``logits``) the logits at the prediction position and (``weights``) the stacked
-    attention weights (biases, a few thousand numbers, left out). Records are float32
-    (half-precision models' records are widened); all records of one model share one stack of
-    weights (cached on the model)."""
+    attention weights in the model's dtype, ``weight_bytes`` per number (biases, a few
+    thousand numbers, left out). Records are float32 (half-precision models' records are
+    widened); all records of one model share one stack of weights (cached on the model)."""
     what = tuple(what)
     unknown = set(what) - set(REGISTRY)
     if unknown:
@@ -33,9 +34,8 @@ def record_bytes(shape: ModelShape, what: Iterable[str], n_prompts: int, tokens:
            for w in what}
     L, B = shape.n_layers, n_prompts
     n = L * B * sum(per[w] for w in what)
-    n += attention_weight_count(shape) if weights else 0
     n += B * shape.d_vocab if logits else 0
-    return 4 * n
+    return 4 * n + (weight_bytes * attention_weight_count(shape) if weights else 0)
 
 
 def attention_weight_count(shape: ModelShape) -> int:

@@ -69,11 +69,12 @@ def shared_prefix_length(pairs: Sequence[PromptPair], kind: str = "icl") -> int:
 def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
                         what: Iterable[str] | None = None, layers: Iterable[int] | None = None,
                         batch_size: int = 16, min_prefix: int = 8,
-                        fast: bool | None = None) -> AttentionRecord:
+                        fast: bool | None = None, weights: bool = True) -> AttentionRecord:
     """:func:`icl_probe.trace` of the pairs' ICL prompts at the prediction position, with the
     prefix every prompt shares run once (see the module docstring). ``fast=False`` (or
     ``ICL_PROBE_FAST=0``) runs every full prompt instead; the shortcut checks itself against
-    one full prompt on every call (:mod:`icl_probe.hooks.selfcheck`)."""
+    one full prompt on every call (:mod:`icl_probe.hooks.selfcheck`). ``weights``: as for
+    :func:`icl_probe.trace`."""
     layer_list = resolve_layers(layers, model.cfg.n_layers, "trace_shared_prefix")
     check_batch_size(batch_size, "trace_shared_prefix")
     what = tuple(QUANTITIES) if what is None else tuple(dict.fromkeys(what))
@@ -81,7 +82,8 @@ def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
     names, direct = hook_names(model)
 
     def whole() -> AttentionRecord:
-        return trace(model, pairs, kind="icl", what=what, layers=layers, batch_size=batch_size)
+        return trace(model, pairs, kind="icl", what=what, layers=layers, batch_size=batch_size,
+                     weights=weights)
 
     # the shortcut reads every quantity straight off its hook: models whose q/k or scores
     # trace() completes after the forward, or whose sliding window masks keys, go through trace()
@@ -112,7 +114,8 @@ def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
     return model_record(
         model, layer_list, lengths=lengths, pred=pred, positions=positions, pos_mask=pos_mask,
         pred_slot=torch.zeros(len(ids), dtype=torch.long), key_positions=key_t,
-        key_mask=key_mask, data=data, weights=attention_weights(model, layer_list),
+        key_mask=key_mask, data=data,
+        weights=attention_weights(model, layer_list) if weights else {},
         logits=in_order(logits_parts, order), hook_names={q: names[q] for q in data},
         kind="icl", q_rotated=True, meta={"shared_prefix": P})
 

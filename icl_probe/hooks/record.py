@@ -14,6 +14,7 @@ from jaxtyping import Bool, Float, Int, Shaped
 from ..errors import TraceError
 from ..models import attention_spec
 from .gqa import expand_kv, group_mapping, n_kv_heads
+from .weights import HALF
 
 _KV_NAMES = ("k", "v", "W_K", "W_V", "b_K", "b_V")
 
@@ -127,10 +128,10 @@ class AttentionRecord:
             return expand_kv(data[name], self.kv_head_of, dim=3)
         if name in data:
             return data[name]
-        if name in ("W_K", "W_V", "b_K", "b_V") and name in weights:
-            return expand_kv(weights[name], self.kv_head_of, dim=1)
-        if name in weights:
-            return weights[name]
+        if name in weights:  # the stack is in the model's dtype: half precision widened here
+            w = weights[name].float() if weights[name].dtype in HALF else weights[name]
+            return expand_kv(w, self.kv_head_of, dim=1) if name in ("W_K", "W_V", "b_K",
+                                                                   "b_V") else w
         raise AttributeError(
             f"AttentionRecord has no {name!r}; captured: {sorted(data)}, weights: "
             f"{sorted(weights)}. Ask trace(..., what=[...]) for it"

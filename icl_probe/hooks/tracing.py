@@ -131,6 +131,7 @@ def trace(
     batch_size: int = 8,
     store_device: str | torch.device | None = None,
     progress: bool | None = None,
+    weights: bool = True,
 ) -> AttentionRecord:
     """Run ``prompts`` (``PromptPair`` s, whose ``kind`` = ``"icl"`` or ``"zs"`` ids are used,
     or 1-D token id tensors) and record every attention layer.
@@ -140,7 +141,9 @@ def trace(
     keep, ``"pred"`` (default), ``"all"``, ``"demos"``, ``"query"``, ``"labels"``, one index list
     per prompt, or ``callable(prompt)``; the prediction position is always added.
     ``key_positions``: positions of ``k`` and ``v`` (default ``"all"``). Batches of
-    ``batch_size`` prompts of similar length are right-padded.
+    ``batch_size`` prompts of similar length are right-padded. ``weights=False`` leaves the
+    model's stacked attention weights out of the record (``record.W_Q`` ... then raise): a
+    caller that reads only activations (compare) keeps no stack alive.
     """
     if not prompts:
         raise TraceError("trace(): no prompts given")
@@ -155,11 +158,11 @@ def trace(
     order, logits_parts = _run_batches(model, id_list, rows, cap, _capture_hooks(
         model, plan, cap, layer_list), batch_size, store, progress)
     data = _assemble(cap, captured, layer_list, order, rows)
-    weights = attention_weights(model, layer_list)
+    stack = attention_weights(model, layer_list) if weights or "head_out" in wanted else {}
     if store is not None:
-        weights = {k: w.to(store) for k, w in weights.items()}
+        stack = {k: w.to(store) for k, w in stack.items()}
     if "head_out" in wanted:
-        W_O = weights["W_O"].to(data["z"].device)
+        W_O = stack["W_O"].to(data["z"].device, data["z"].dtype)  # half: widened
         data["head_out"] = einops.einsum(data["z"], W_O, "layer batch pos head d_head, "
                                          "layer head d_head d_model -> "
                                          "layer batch pos head d_model")
@@ -173,7 +176,7 @@ def trace(
         model, layer_list, lengths=rows["lengths"], pred=rows["lengths"] - 1,
         positions=rows["positions"], pos_mask=rows["pos_mask"],
         pred_slot=torch.tensor(rows["pred_slot"]), key_positions=rows["key_positions"],
-        key_mask=rows["key_mask"], data=data, weights=weights,
+        key_mask=rows["key_mask"], data=data, weights=stack if weights else {},
         logits=in_order(logits_parts, order), hook_names={q: names[q] for q in data},
         kind=kind, q_rotated=True,
         meta={"sources": {q: plan.sources.get(q, DERIVED.get(q, "")) for q in data},

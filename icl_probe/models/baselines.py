@@ -26,7 +26,18 @@ def untrained_copy(model: Any, keep: str = "none", seed: int = 0) -> Any:
             "origin a bridge of load_model() carries; load it with icl_probe.load_model(...)")
     param = next(hf.parameters())
     torch.manual_seed(seed)
-    fresh = type(hf)(hf.config).to(param.dtype).eval()
+    if param.device.type == "cpu" and param.dtype not in (torch.float16, torch.bfloat16):
+        fresh = type(hf)(hf.config).to(param.dtype).eval()  # as always: the goldens' draws
+    else:
+        # built where the model lives, in its dtype: a 7B float32 copy on the CPU first is
+        # 27 GB and minutes of initialisation
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(param.dtype)
+        try:
+            with torch.device(param.device):
+                fresh = type(hf)(hf.config).eval()
+        finally:
+            torch.set_default_dtype(default)
     if keep == "embeddings":
         src = {n.replace("._original_component", ""): p for n, p in hf.named_parameters()}
         with torch.no_grad():

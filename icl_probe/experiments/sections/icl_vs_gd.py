@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ...compare import (ANCHORS, ICL_WHAT, ZS_WHAT, Comparison, anchor_column, compact_table,
-                        lr_grid, select_lr, sweep_rows)
+from ...compare import (ANCHORS, ICL_WHAT, ZS_HELD, ZS_WHAT, Comparison, anchor_column,
+                        compact_table, lr_grid, select_lr, sweep_rows)
 from ...compare import summarise as summarise_rows
 from ...errors import CompareError, ConfigError, ExperimentError
 from ...gd import FineTuneConfig
@@ -26,8 +26,7 @@ from ..checks import check_split_sizes
 from ..labels import labeled_task, task_labels
 from ..settings import (all_baselines, baselines, boolean, integer, list_of, loss_tokens,
                         lrs_by_method, methods, position, protocol, setting, task_spec, text)
-from ..sizing import (attention_weight_count, finetune_bytes, prompt_tokens, record_bytes,
-                      trainable_count)
+from ..sizing import finetune_bytes, prompt_tokens, record_bytes, trainable_count
 from ..store import read_results, unit_finished
 from .base import Memory, Section, Unit, VerdictTable, model_order
 from .icl_vs_gd_figures import figures
@@ -128,31 +127,30 @@ class IclVsGd(Section):
         # every method but "batch" steps on one demonstration at a time
         ft_tokens = demos if "batch" in s.methods else one
         ft = finetune_bytes(shape, trainable_count(shape, s.params), ft_tokens, b, opt)
-        # kept per (task, seed, variant): the ICL and ZS records of test + dev queries and
-        # ΔM_ICL, the demonstrations' Σ v ⊗ k per layer and kv head in float64
-        # (docs/protocol.md, Cost); per unit, transiently, the demonstration prefix's k and
-        # v (ΔM_ICL is summed from them) and a ZS record of the fine-tuned model
+        # kept per (task, seed, variant): the ICL and ZS records of test + dev queries (the ZS
+        # one without its full-length k and v) and ΔM_ICL, the demonstrations' Σ v ⊗ k per
+        # layer and kv head in float64 (docs/protocol.md, Cost); per unit, transiently, the
+        # demonstration prefix's k and v (ΔM_ICL is summed from them), a ZS record of the
+        # fine-tuned model and the base model's ZS k and v, traced again for the evaluation
         refs = (record_bytes(shape, ICL_WHAT, n, icl, weights=False)
-                + record_bytes(shape, ZS_WHAT, n, zs, weights=False)
+                + record_bytes(shape, ZS_HELD, n, zs, weights=False)
                 + 8 * shape.n_layers * shape.n_kv_heads * shape.d_head ** 2)
         transient = (record_bytes(shape, ("k", "v"), 1, demos, logits=False, weights=False)
-                     + record_bytes(shape, ZS_WHAT, s.queries, zs, weights=False))
+                     + record_bytes(shape, ZS_WHAT, s.queries, zs, weights=False)
+                     + record_bytes(shape, ("k", "v"), s.queries, zs, weights=False))
         models = {"untrained", "embeddings_only"} & set(s.baselines)
         variants = 1 + len({"shuffled_labels"} & set(s.baselines)) + len(models)
-        # one cached float32 stack of attention weights per model: the model, each
-        # random-weight baseline model and the fine-tuned model of the unit
-        stack = 4 * attention_weight_count(shape)
-        stacks = 1 + len(models) + 1
+        # the comparison's records keep no stack of attention weights (trace(weights=False))
         return Memory(
             finetune=ft, finetune_note=(
                 f"params {s.params!r}: {trainable_count(shape, s.params):,} trained, "
                 f"{'Adam' if opt else 'SGD'}, backward over {ft_tokens} tokens"),
-            traces=refs + transient + 2 * stack, traces_note=(
+            traces=refs + transient, traces_note=(
                 f"{n} queries, ICL prompts up to {icl} tokens; a process holds "
                 f"{len(s.tasks)} tasks x {len(s.seeds)} seeds x {variants} variants of "
                 "reference records"),
-            held=len(s.tasks) * len(s.seeds) * variants * refs + transient + stacks * stack,
-            extra_models=len(models), how=how)
+            held=len(s.tasks) * len(s.seeds) * variants * refs + transient,
+            extra_models=min(1, len(models)), how=how)
 
     # ---------------------------------------------------------------- the report
     def summarise(self, tabs: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:

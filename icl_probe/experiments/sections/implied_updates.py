@@ -63,7 +63,7 @@ class ImpliedUpdates(Section):
         return {"probes": up.table(), "trajectory": traj, "identities": ident}
 
     def memory(self, shape: ModelShape, s: ImpliedUpdatesSettings, b: int) -> Memory:
-        return traced_memory(self.name, shape, s)
+        return traced_memory(self.name, shape, s, b)
 
     def tables(self, tabs: dict[str, pd.DataFrame]) -> list[tuple[str, Any]]:
         p = tabs["probes"]
@@ -91,9 +91,10 @@ class ImpliedUpdates(Section):
         return figs
 
 
-def traced_memory(section: str, shape: ModelShape, s: Any) -> Memory:
-    """A full trace of every quantity of ``s.prompts`` prompts with ``s.k`` demonstrations."""
+def traced_memory(section: str, shape: ModelShape, s: Any, b: int) -> Memory:
+    """A full trace of every quantity of ``s.prompts`` prompts with ``s.k`` demonstrations
+    (``b`` bytes per weight: the stack is in the model's dtype)."""
     icl, _, _, _, how = prompt_tokens(shape, s.tasks, s.k)
-    t = record_bytes(shape, QUANTITIES, s.prompts, icl)
+    t = record_bytes(shape, QUANTITIES, s.prompts, icl, weight_bytes=b)
     return Memory(traces=t, traces_note=f"{section}: {s.prompts} prompts of up to {icl} tokens",
                   held=t, how=how)

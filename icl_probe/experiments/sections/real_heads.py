@@ -50,7 +50,7 @@ class RealHeads(Section):
         return dual.real_head_claims(model, pairs)
 
     def memory(self, shape: ModelShape, s: RealHeadsSettings, b: int) -> Memory:
-        return traced_memory(self.name, shape, s)
+        return traced_memory(self.name, shape, s, b)
 
     def figures(self, tabs: dict[str, pd.DataFrame]) -> list[Any]:
         return [dual.plot_head_sparsity(tabs["sparsity"])] if "sparsity" in tabs else []
