@@ -6,6 +6,14 @@ model, each in right-padded batches (16 ICL prompts, 32 ZS prompts: the sizes ``
 uses). ``compare`` also computes every metric, the intervals and the tables; it runs the
 demonstrations' shared prefix once, which the floor does not.
 
+The **prefix floor** is what a careful plain script would do with the same reuse, written
+with plain ``transformers`` (the embedded model's converted checkpoint, the library's default
+attention): the demonstration prefix once on its KV cache; the suffixes batched on the repeated
+cache, unembedding only each prompt's last position; the zero-shot prompts batched the same
+way; k SGD steps on k_proj/v_proj (one per demonstration, Dai's loss tokens); the zero-shot
+batch again through the fine-tuned weights; the weights restored. Before timing it checks that
+its own ICL logits equal full-prompt forwards (to 1e-6 relative).
+
 Run: ``python benchmarks/bench_compare.py [--queries 24 --k 16 --repeats 3]``. Medians over
 interleaved repeats; the ratio is the median of per-repeat ratios.
 """
@@ -18,9 +26,13 @@ import statistics
 import torch
 import torch.nn.functional as F
 
+from transformers import AutoModelForCausalLM
+
 import icl_probe as ip
 from _timing import interleaved, ratio
 from icl_probe.compare import demonstrations
+from icl_probe.hooks.prefix import shared_prefix_length
+from icl_probe.models.cache import embedded_gguf_path, gguf_cache_path
 from icl_probe.gd import trainable_parameters
 from icl_probe.gd.losses import _examples
 
@@ -69,6 +81,8 @@ def main() -> None:
             for b in batches("zs", 32):
                 model(b, **kw)
 
+    prefix_floor, _ = _prefix_floor(pairs, cfg.lr)
+
     def ours():
         ip.compare(model, task, k=args.k, queries=args.queries, gd=cfg, baselines=(),
                    progress=False)
@@ -76,13 +90,90 @@ def main() -> None:
     # "lean": the same forwards unembedding only the last position (logits_to_keep=1), the
     # strictest floor: what remains is the transformer itself and the fine-tune
     times = interleaved({"floor": bare, "lean": lambda: bare(logits_to_keep=1),
-                         "compare": ours}, args.repeats)
+                         "prefix floor": prefix_floor, "compare": ours}, args.repeats)
     print(f"# {torch.get_num_threads()} threads, torch {torch.__version__}; sentiment, "
           f"{len(pairs)} queries, k={args.k}, shared protocol, Dai-FT on kv, no baseline runs")
     for name, ts in times.items():
         print(f"{name:>8}: {statistics.median(ts):7.2f} s (median of {len(ts)})")
     print(f"ratio compare / floor: {ratio(times, 'compare', 'floor'):.3f}")
     print(f"ratio compare / lean floor: {ratio(times, 'compare', 'lean'):.3f}")
+    print(f"ratio compare / prefix floor: {ratio(times, 'compare', 'prefix floor'):.3f}")
+
+
+def _padded(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, their attention mask, and each row's last real position."""
+    lengths = torch.tensor([len(x) for x in seqs])
+    ids = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
+    for r, x in enumerate(seqs):
+        ids[r, : len(x)] = x
+    return ids, (torch.arange(ids.shape[1])[None] < lengths[:, None]).long(), lengths - 1
+
+
+def _prefix_floor(pairs: list, lr: float):
+    """The plain-transformers floor with prefix reuse (see the module docstring), checked for
+    exactness against full prompts before it is returned: ``(run, icl_logits)``, the timed
+    work and its ICL logits at each prompt's last position."""
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(gguf_cache_path(embedded_gguf_path())), dtype=torch.float32,
+        trust_remote_code=False).eval()
+    for p in hf.parameters():
+        p.requires_grad_(False)
+    P = shared_prefix_length(pairs)
+    prefix = pairs[0].icl_ids[:P][None]
+    suffix, s_mask, s_last = _padded([p.icl_ids[P:] for p in pairs])
+    zs, z_mask, z_last = _padded([p.zs_ids for p in pairs])
+    rows = torch.arange(len(pairs))
+    kv = [m.weight for n, m in hf.named_modules() if n.endswith(("k_proj", "v_proj"))]
+    examples = _examples(pairs[0], "demo")
+
+    def last_logits(ids, mask, last, cache=None, offset=0):
+        full = mask if cache is None else torch.cat(
+            [torch.ones(len(ids), offset, dtype=torch.long), mask], 1)
+        pos = offset + torch.arange(ids.shape[1])[None].expand(len(ids), -1)
+        h = hf.model(input_ids=ids, attention_mask=full, position_ids=pos, cache=cache,
+                     use_cache=cache is not None).last_hidden_state
+        return hf.lm_head(h[rows[: len(ids)], last])
+
+    def icl_logits():
+        cache = hf.model(input_ids=prefix, use_cache=True).cache  # transformers 5.24: "cache"
+        cache.batch_repeat_interleave(len(pairs))
+        return last_logits(suffix, s_mask, s_last, cache, P)
+
+    with torch.inference_mode():  # the floor's own exactness check: full prompts
+        full_ids, full_mask, full_last = _padded([p.icl_ids for p in pairs])
+        full = last_logits(full_ids, full_mask, full_last)
+        fast = icl_logits()
+    err = float((fast - full).abs().max() / full.abs().max())
+    if not err < 1e-6:
+        raise SystemExit(f"prefix floor: cached ICL logits differ from full prompts by {err:.1e}")
+
+    def run():
+        with torch.inference_mode():
+            icl_logits()
+            last_logits(zs, z_mask, z_last)
+        saved = [w.detach().clone() for w in kv]
+        for w in kv:
+            w.requires_grad_(True)
+        for ids, mask in examples:
+            t = mask.nonzero()[:, 0]
+            loss = F.cross_entropy(hf(ids[None]).logits[0, t - 1], ids[t])
+            loss.backward()
+            with torch.no_grad():
+                for w in kv:
+                    w -= lr * w.grad
+                    w.grad = None
+        with torch.inference_mode():
+            last_logits(zs, z_mask, z_last)
+        with torch.no_grad():
+            for w, s in zip(kv, saved):
+                w.copy_(s)
+                w.requires_grad_(False)
+
+    def icl_only():
+        with torch.inference_mode():
+            return icl_logits()
+
+    return run, icl_only
 
 
 if __name__ == "__main__":
