@@ -89,8 +89,9 @@ def main() -> None:
     t = pd.DataFrame(rows)
     print(t.round(2).to_string(index=False))
     if args.json:
+        device = torch.cuda.get_device_name() if cuda else "cpu"
         args.json.write_text(json.dumps({"per_unit": rows, "peak_gib": peaks,
-                                         "device": torch.cuda.get_device_name() if cuda else "cpu"}, indent=2))
+                                         "device": device}, indent=2))
 
 
 if __name__ == "__main__":

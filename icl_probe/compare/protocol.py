@@ -135,7 +135,12 @@ class Comparison:
     def pairs(self, run: str, seed: int, split: str) -> list[PromptPair]:
         key = (run, seed, split)
         if key not in self._pairs:
-            model = self.model  # a baseline model shares the tokenizer, context and BOS rule
+            given = self.models.get(run)
+            if run in ("untrained", "embeddings_only") and (
+                    given is None or getattr(given, BUILT, False)):
+                model = self.model  # built here: the same tokenizer, context and BOS rule
+            else:
+                model = self.variant_model(run)  # a model the caller gave tokenizes its own
             queries = self.queries if split == "test" else self.dev_queries
             shuffle = run == "shuffled_labels"
             if self.protocol == "shared":

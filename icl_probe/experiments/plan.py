@@ -70,9 +70,9 @@ def plan(config: Config, *, model_name: str | None = None, dtype: str | None = N
     """Parameters and memory per model, and units, of ``config`` without loading weights.
 
     Per model: ``weights_gb`` (the model, plus the one random-weight baseline model held at
-    a time, if the config runs any), ``finetune_gb`` (one fine-tune), ``traces_gb`` (what one unit traces)
-    and ``process_gb``: what a process running every unit of the model holds at its peak.
-    An ``icl_vs_gd`` process keeps the zero-shot and ICL records of every (task, seed,
+    a time, if the config runs any), ``finetune_gb`` (one fine-tune), ``traces_gb`` (what one
+    unit traces) and ``process_gb``: what a process running every unit of the model holds at
+    its peak. An ``icl_vs_gd`` process keeps the zero-shot and ICL records of every (task, seed,
     variant) it has run, so that later units reuse them; a shard holding fewer tasks holds
     proportionally less."""
     dtype = dtype or config.settings("experiment").dtype or "float32"

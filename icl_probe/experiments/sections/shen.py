@@ -32,7 +32,6 @@ from ...errors import ConfigError
 from ...html import esc
 from ...gd import OPTIMIZERS, PARAM_SETS, SUB_MODEL_LAYERS, EpochFineTune
 from ...models import ModelShape, load_model
-from ...tasks import load_task
 from ..checks import check_split_sizes
 from ..labels import labeled_task, task_file
 from ..settings import (choice, integer, list_of, loss_tokens, model_spec, rate, setting,
