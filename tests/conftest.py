@@ -1,5 +1,6 @@
 import pytest
 import torch
+from transformers import DynamicCache
 
 import icl_probe as ip
 
@@ -11,6 +12,21 @@ import icl_probe as ip
 # d_head 10, d_model 40.
 TINY_LLAMA = dict(n_layers=3, n_heads=6, n_key_value_heads=2, d_head=10, d_model=42, d_mlp=72)
 TINY_FUSED = dict(n_layers=3, n_heads=4, d_head=10, d_model=40, d_mlp=72)
+
+
+@pytest.fixture()
+def drifted_cache(monkeypatch):
+    """A stand-in for a release that mishandles the key/value cache: every repeated cache
+    comes back with its keys shifted, so the fast paths' logits move (as under transformers
+    5.24, where the cache was never filled) while every call still completes."""
+    original = DynamicCache.batch_repeat_interleave
+
+    def shifted(self, repeats):
+        original(self, repeats)
+        for layer in self.layers:
+            layer.keys += 0.5
+
+    monkeypatch.setattr(DynamicCache, "batch_repeat_interleave", shifted)
 
 
 @pytest.fixture(scope="session")

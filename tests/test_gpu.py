@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from transformers import DynamicCache
 
 import icl_probe as ip
 from icl_probe.compare.shen import shen_curves
@@ -42,20 +41,6 @@ def test_trace_probes_and_finetune_on_cuda_bf16():
     ft = ip.finetune(gpu, pairs[0], lr=1e-2)
     assert not ft.diverged and all(d.device.type == "cuda" for d in ft.deltas.values())
     assert ip.trace(ft.model, pairs[:1], kind="zs").logits.isfinite().all()
-
-
-@pytest.fixture()
-def drifted_cache(monkeypatch):
-    """Every repeated key/value cache comes back with its keys shifted (as in tests/test_stack.py):
-    the fast paths' logits move while every call completes."""
-    original = DynamicCache.batch_repeat_interleave
-
-    def shifted(self, repeats):
-        original(self, repeats)
-        for layer in self.layers:
-            layer.keys += 0.5
-
-    monkeypatch.setattr(DynamicCache, "batch_repeat_interleave", shifted)
 
 
 def _gqa_pairs(model, n=4, k=4):

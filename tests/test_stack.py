@@ -8,7 +8,6 @@ import json
 import pandas as pd
 import pytest
 import torch
-from transformers import DynamicCache
 
 import icl_probe as ip
 from icl_probe import cli
@@ -23,21 +22,6 @@ from icl_probe.report import ANCHORS
 from icl_probe.hooks import answer_logprobs
 
 import golden_regression as golden
-
-
-@pytest.fixture()
-def drifted_cache(monkeypatch):
-    """A stand-in for a release that mishandles the key/value cache: every repeated cache
-    comes back with its keys shifted, so the fast paths' logits move (as under transformers
-    5.24, where the cache was never filled) while every call still completes."""
-    original = DynamicCache.batch_repeat_interleave
-
-    def shifted(self, repeats):
-        original(self, repeats)
-        for layer in self.layers:
-            layer.keys += 0.5
-
-    monkeypatch.setattr(DynamicCache, "batch_repeat_interleave", shifted)
 
 
 @pytest.fixture(scope="module")

@@ -52,12 +52,14 @@ def _sparsity(s: pd.DataFrame) -> Any:
     for j, mode in enumerate(("absolute", "relative"), 1):
         d = s[s["mode"] == mode].groupby(["matrix", "threshold"], as_index=False).agg(
             frac=("frac_below", "mean"), need=("construction_zeros", "first"))
-        for matrix, g in d.groupby("matrix"):
+        for k, (matrix, g) in enumerate(d.groupby("matrix")):
+            color = _COLORS[k % len(_COLORS)]  # a matrix and its need share a color
             fig.add_trace(go.Scatter(x=g.threshold, y=g.frac, mode="lines+markers",
-                                     name=matrix, legendgroup=matrix, showlegend=j == 1),
-                          row=1, col=j)
+                                     name=matrix, legendgroup=matrix, showlegend=j == 1,
+                                     line=dict(color=color)), row=1, col=j)
             fig.add_trace(go.Scatter(x=g.threshold, y=g.need, mode="lines",
-                                     line=dict(dash="dot", width=1), name=f"{matrix} needed",
+                                     line=dict(dash="dot", width=1, color=color),
+                                     name=f"{matrix} needed",
                                      legendgroup=matrix, showlegend=j == 1), row=1, col=j)
     fig.update_xaxes(type="log", title_text="threshold t")
     fig.update_yaxes(title_text="fraction below t", range=[0, 1.02], row=1, col=1)
