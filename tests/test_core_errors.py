@@ -56,6 +56,7 @@ def test_model_space_layers_must_be_traced(tiny64):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(layers=[99]), r"layer 99 is out of range"),
     (dict(batch_size=0), r"batch_size=0"),
+    (dict(prefix_what=("scores",)), r"\['scores'\] are not key-side quantities"),
 ])
 def test_shared_prefix_trace_checks_its_arguments(kwargs, match):
     from icl_probe.hooks import trace_shared_prefix

@@ -11,7 +11,7 @@ import torch
 
 import icl_probe as ip
 from conftest import TINY_LLAMA
-from icl_probe.compare import Comparison
+from icl_probe.compare import Comparison, evaluation
 
 # float64 on a tiny model: the references run the same forwards through other code paths
 # (whole prompts alone instead of a shared prefix or a padded batch, a fine-tune of our own),
@@ -157,3 +157,24 @@ def test_weight_cos_compares_the_demonstrations_operator_with_the_finetunes(mode
             row = _one(out["per_layer"], query=pair.query, layer=layer)
             assert abs(row.weight_cos - sum(w_cos) / 2) < F64_TOL, (pair.query, layer)
             assert abs(w_cos[0] - w_cos[1]) > 1e-6  # the kv heads differ: a swap would fail
+
+
+@pytest.mark.parametrize("protocol", ["shared", "per_query"])
+def test_streaming_the_evaluation_in_chunks_changes_no_number(model, monkeypatch, protocol):
+    # the evaluation traces and scores its queries chunk by chunk; the random baselines are drawn
+    # query by query, so a chunk of one query and a chunk of every query give the same tables
+    def run():
+        c = Comparison(model, "capital", k=3, queries=3, protocol=protocol, progress=False)
+        return c.run(CFG, SEED)
+
+    whole = run()
+    monkeypatch.setattr(evaluation, "EVAL_CHUNK", 1)
+    streamed = run()
+    for name in ("per_query", "per_layer", "per_head"):
+        a, b = whole[name], streamed[name]
+        assert list(a.columns) == list(b.columns) and len(a) == len(b) == {
+            "per_query": 3, "per_layer": 9, "per_head": 54}[name]
+        num = a.select_dtypes("number").columns
+        assert ((a[num] - b[num]).abs().fillna(0).to_numpy() <= 1e-12).all(), name
+        other = [c for c in a.columns if c not in num]
+        assert a[other].equals(b[other]), name

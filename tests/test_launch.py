@@ -401,3 +401,33 @@ def test_slurm_options_come_from_the_config_and_the_command_line(model_dirs, tmp
     for flag in ("--partition=a100", "--gpus-per-node=2", "--mem=80GB", "--account=lab",
                  "--time=1470"):
         assert flag in work, (flag, work)
+
+
+def test_compact_keeps_a_half_precision_record_in_its_dtype_and_reads_back_every_number():
+    from icl_probe.experiments import record_bytes
+    from icl_probe.hooks import compact
+    from icl_probe.models import ModelShape
+
+    model = ip.tiny_model(n_layers=3, d_model=40, n_heads=4, n_key_value_heads=2, d_head=6,
+                          d_mlp=56, seed=3, dtype=torch.bfloat16)
+    c = model.cfg
+    shape = ModelShape("t", "", 0, c.n_layers, c.d_model, c.n_heads, 2, c.d_head, c.d_mlp,
+                       c.d_vocab)
+    pairs = ip.build_prompts(model, "capital", range(3), k=2)
+    what = ("scores", "attn_out", "head_out")  # head_out: computed after the forward, in float32
+    rec = ip.trace(model, pairs, what=what, weights=False)
+    before = {q: getattr(rec, q).clone() for q in what}
+    at_pred = rec.at_pred("scores").clone()
+    assert all(x.dtype == torch.float32 for x in before.values())
+    compact(rec, torch.bfloat16)
+    assert rec.data["scores"].dtype == rec.data["attn_out"].dtype == torch.bfloat16
+    assert rec.data["head_out"].dtype == torch.float32  # does not survive the round trip
+    for q in what:  # handed out as float32, every number as it was
+        assert getattr(rec, q).dtype == torch.float32 and torch.equal(getattr(rec, q), before[q])
+    assert torch.equal(rec.at_pred("scores"), at_pred)
+    kept = ("scores", "attn_out")
+    real = sum(rec.data[q].nbytes for q in kept) + rec.logits.nbytes
+    T = int(rec.lengths.max())
+    assert record_bytes(shape, kept, 3, T, weights=False, data_bytes=2) == real
+    f32 = ip.trace(ip.tiny_model(seed=3), pairs, what=kept, weights=False)
+    assert compact(f32, torch.float32).data["scores"].dtype == torch.float32  # not half: as is

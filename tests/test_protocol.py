@@ -12,6 +12,7 @@ import torch
 import icl_probe as ip
 from icl_probe.compare import metrics as C
 from icl_probe.compare import protocol, queries, stats, summary
+from icl_probe.compare.references import _shared_operator
 from icl_probe.hooks import shared_prefix_length, trace_shared_prefix
 
 # float64 tiny model: the bridge still takes softmaxes and rotary phases in float32 for some
@@ -167,6 +168,26 @@ def test_prefix_reuse_is_exact_on_a_tiny_model(tiny):
     assert a.meta["shared_prefix"] > 0  # the shortcut ran
     b = ip.trace(tiny, pairs, what=WHAT)
     _check_record(a, b, WHAT, F64_TOL, relative=False)
+
+
+def test_the_prefix_keys_and_values_come_from_the_pass_that_builds_its_cache(tiny):
+    # ΔM_ICL is summed from them: they must be the prefix's own k and v, which a forward of the
+    # prefix alone computes independently; where the call takes the full prompts there are none
+    pairs = _pairs(tiny, k=5, n=6)
+    rec = trace_shared_prefix(tiny, pairs, what=("scores",), prefix_what=("k", "v"))
+    P = rec.meta["shared_prefix"]
+    alone = ip.trace(tiny, [pairs[0].icl_ids[:P]], what=("k", "v"))
+    for q in ("k", "v"):
+        got = rec.meta["prefix"][q]
+        assert got.shape == (3, P, 2, 8)
+        assert torch.allclose(got, alone.data[q][:, 0], rtol=0, atol=F64_TOL), q
+    full = trace_shared_prefix(tiny, pairs, what=("scores",), prefix_what=("k", "v"), fast=False)
+    assert "prefix" not in full.meta
+    # ΔM_ICL from them equals ΔM_ICL from a forward of the demonstrations alone
+    from_prefix = _shared_operator(tiny, pairs[0], rec.meta["prefix"])
+    alone = _shared_operator(tiny, pairs[0], None)
+    assert from_prefix.shape == (3, 2, 8, 8)
+    assert torch.allclose(from_prefix, alone, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.embedded

@@ -17,12 +17,13 @@ from .shen import (SHEN_METRICS, checkpoint_table, many_demos_table, order_curve
 from .queries import demonstrations, resolve_queries
 from .summary import (ANCHORS, TABLE_METRICS, anchor_column, compact_table, lr_grid, select_lr,
                       summarise, sweep_rows)
-from .vocabulary import (BASELINES, ICL_WHAT, IN_RUN_BASELINES, LAYER_CI_METRICS, POSITIONS,
-                         PROTOCOLS, SIMILARITIES, ZS_BATCH, ZS_HELD, ZS_WHAT)
+from .vocabulary import (BASELINES, EVAL_CHUNK, ICL_WHAT, IN_RUN_BASELINES, LAYER_CI_METRICS,
+                         POSITIONS, PROTOCOLS, SIMILARITIES, ZS_BATCH, ZS_HELD, ZS_WHAT)
 
 __all__ = [
-    "ANCHORS", "BASELINES", "Comparison", "ICL_WHAT", "IN_RUN_BASELINES", "LAYER_CI_METRICS",
-    "POSITIONS", "PROTOCOLS", "SIMILARITIES", "TABLE_METRICS", "Tables", "ZS_BATCH", "ZS_HELD",
+    "ANCHORS", "BASELINES", "Comparison", "EVAL_CHUNK", "ICL_WHAT", "IN_RUN_BASELINES",
+    "LAYER_CI_METRICS", "POSITIONS", "PROTOCOLS", "SIMILARITIES", "TABLE_METRICS", "Tables",
+    "ZS_BATCH", "ZS_HELD",
     "ZS_WHAT",
     "anchor_column", "compact_table", "compare", "demonstrations", "kendall_icl_ft",
     "kendall_tau", "kl", "lr_grid", "metrics", "order_sensitivity", "order_sensitivity_table",

@@ -13,7 +13,7 @@ from ..prompts import PromptPair
 from . import metrics as M
 from .queries import _strip_label
 from .references import _kv_operator, _logits, _Refs
-from .vocabulary import ZS_BATCH, ZS_WHAT, baseline_column
+from .vocabulary import EVAL_CHUNK, ZS_BATCH, ZS_WHAT, baseline_column
 
 
 def _kendall_positions(pair: PromptPair, loss_tokens: str) -> tuple[torch.Tensor, list[int]]:
@@ -41,35 +41,57 @@ def _evaluate(model: Any, refs: _Refs, fts: list[Any], cfg: FineTuneConfig, *, g
     """Every per-query, per-layer and per-head metric of one FT setting against the shared
     ZS/ICL runs. ``fts``: one fine-tune (shared protocol) or one per query. The random
     baselines are drawn from ``gen`` in a fixed order (query by query: output, attention and
-    weight directions, then Kendall's per layer), so a run is reproducible."""
+    weight directions, then Kendall's per layer), so a run is reproducible. Streamed over
+    chunks of :data:`EVAL_CHUNK` queries: a chunk's traces (the fine-tuned model's zero-shot
+    record, the base model's zero-shot k and v, traced again here rather than kept for reuse)
+    are dropped before the next chunk's are made."""
     pairs = refs.pairs
-    # the base model's zero-shot k and v, traced again here rather than kept for reuse
-    zs_kv = trace(model, pairs, kind="zs", what=("k", "v"), batch_size=ZS_BATCH, weights=False)
-    ft_of = _ft_runs(pairs, fts)
-    ft_logits_all, ft_pred = _ft_predictions(pairs, fts, ft_of, position)
     rows_q, rows_l, rows_h = [], [], []
-    for b, pair in enumerate(pairs):
-        ft, ftr, i = ft_of[b]
-        row = _query_row(keys, refs, b, ft, ft_logits_all[b], ft_pred[b])
-        rows_q.append(row)
-        collapsed = row["ft_collapsed"]
-        per_layer = _layer_similarities(refs, zs_kv, b, ftr, i, gen)
-        ken = _kendall_rows(refs, b, ft, ftr, i, cfg, gen, collapsed)
-        icl = refs.icl
-        for li, l in enumerate(icl.layers):
-            rows_l.append({**keys, "query": pair.query, "layer": l,
-                           **{name: float(x[li]) for name, x in per_layer["scalars"].items()},
-                           **ken[li], "weight_cos": float(per_layer["w_cos"][li].mean()),
-                           baseline_column("weight_cos", "random_update"):
-                               float(per_layer["w_rand"][li].mean()),
-                           "ft_diverged": ft.diverged or collapsed})
-            for h, g in enumerate(icl.kv_head_of.tolist()):
-                rows_h.append({**keys, "query": pair.query, "layer": l, "head": h, "kv_head": g,
-                               "weight_cos": float(per_layer["w_cos"][li, g]),
-                               baseline_column("weight_cos", "random_update"):
-                                   float(per_layer["w_rand"][li, g]),
-                               "ft_diverged": ft.diverged or collapsed})
+    for lo in range(0, len(pairs), EVAL_CHUNK):
+        idx = range(lo, min(lo + EVAL_CHUNK, len(pairs)))
+        chunk = [pairs[b] for b in idx]
+        fts_c = fts if len(fts) == 1 else fts[lo: lo + len(chunk)]
+        zs_kv = trace(model, chunk, kind="zs", what=("k", "v"), batch_size=ZS_BATCH,
+                      weights=False)
+        ft_of = _ft_runs(chunk, fts_c)
+        ft_logits, ft_pred = _ft_predictions(chunk, fts_c, ft_of, position)
+        for j, b in enumerate(idx):
+            q, l, h = _query_rows(refs, b, (zs_kv, j), ft_of[j], ft_logits[j], ft_pred[j], cfg,
+                                  gen, keys)
+            rows_q.append(q)
+            rows_l += l
+            rows_h += h
+        del zs_kv, ft_of
     return rows_q, rows_l, rows_h
+
+
+def _query_rows(refs: _Refs, b: int, zs_kv: tuple[Any, int], ft_run: tuple[Any, Any, int],
+                ft_logits: torch.Tensor, ft_pick: Any, cfg: FineTuneConfig,
+                gen: torch.Generator, keys: dict) -> tuple[dict, list[dict], list[dict]]:
+    """Query ``b``'s per-query row, per-layer rows and per-head rows (``zs_kv``: the base
+    model's zero-shot k/v record and this query's row in it; ``ft_run``: its fine-tune, the
+    fine-tuned model's zero-shot record and its row in it)."""
+    pair, icl = refs.pairs[b], refs.icl
+    ft, ftr, i = ft_run
+    row = _query_row(keys, refs, b, ft, ft_logits, ft_pick)
+    collapsed = row["ft_collapsed"]
+    per_layer = _layer_similarities(refs, zs_kv, b, ftr, i, gen)
+    ken = _kendall_rows(refs, b, ft, ftr, i, cfg, gen, collapsed)
+    rows_l, rows_h = [], []
+    for li, l in enumerate(icl.layers):
+        rows_l.append({**keys, "query": pair.query, "layer": l,
+                       **{name: float(x[li]) for name, x in per_layer["scalars"].items()},
+                       **ken[li], "weight_cos": float(per_layer["w_cos"][li].mean()),
+                       baseline_column("weight_cos", "random_update"):
+                           float(per_layer["w_rand"][li].mean()),
+                       "ft_diverged": ft.diverged or collapsed})
+        for h, g in enumerate(icl.kv_head_of.tolist()):
+            rows_h.append({**keys, "query": pair.query, "layer": l, "head": h, "kv_head": g,
+                           "weight_cos": float(per_layer["w_cos"][li, g]),
+                           baseline_column("weight_cos", "random_update"):
+                               float(per_layer["w_rand"][li, g]),
+                           "ft_diverged": ft.diverged or collapsed})
+    return row, rows_l, rows_h
 
 
 def _ft_runs(pairs: list[PromptPair], fts: list[Any]) -> list[tuple[Any, Any, int]]:
@@ -136,11 +158,12 @@ def _query_row(keys: dict, refs: _Refs, b: int, ft: Any, ft_logits: torch.Tensor
             "kl_icl_ft": M.kl(probs["icl"], probs["ft"])}
 
 
-def _layer_similarities(refs: _Refs, zs_kv: Any, b: int, ftr: Any, i: int,
+def _layer_similarities(refs: _Refs, zs_kv: tuple[Any, int], b: int, ftr: Any, i: int,
                         gen: torch.Generator) -> dict[str, Any]:
     """Per layer for query ``b``: SimAOU (normalised or not) and SimAM with their in-run
     baselines, and the weight-space cosine per kv head with its random baseline (``zs_kv``:
-    the base model's zero-shot k and v)."""
+    the base model's zero-shot k and v, and the query's row in them)."""
+    zs_kv, j = zs_kv
     pair, zs, icl = refs.pairs[b], refs.zs, refs.icl
     h_zs, h_icl = zs.at_pred("attn_out")[:, b].double(), icl.at_pred("attn_out")[:, b].double()
     h_ft = ftr.at_pred("attn_out")[:, i].double()
@@ -160,7 +183,7 @@ def _layer_similarities(refs: _Refs, zs_kv: Any, b: int, ftr: Any, i: int,
     zs_all = torch.arange(len(pair.zs_ids))
     n_zs = len(pair.zs_ids)
     dM_gd = (_kv_operator(ftr.data["k"][:, i, :n_zs], ftr.data["v"][:, i, :n_zs])
-             - _kv_operator(zs_kv.data["k"][:, b, zs_all], zs_kv.data["v"][:, b, zs_all]))
+             - _kv_operator(zs_kv.data["k"][:, j, zs_all], zs_kv.data["v"][:, j, zs_all]))
     dM_icl = refs.dM_icl[b]
     w_cos = M._cos(dM_icl.flatten(-2), dM_gd.flatten(-2))  # layer kv_head
     w_rand = M._cos(dM_icl.flatten(-2), _draw(torch.randn, dM_gd.flatten(-2), gen))
@@ -180,32 +203,30 @@ def _kendall_rows(refs: _Refs, b: int, ft: Any, ftr: Any, i: int, cfg: FineTuneC
                   gen: torch.Generator, collapsed: bool) -> list[dict[str, float]]:
     """Per layer: Kendall's tau between ICL's attention to the demonstration tokens and the
     fine-tune's (token and example level) with their uniform-random baselines; NaN where the
-    fine-tune recorded no queries or diverged."""
+    fine-tune recorded no queries or diverged. Every layer is ranked at once; the baselines
+    are drawn layer by layer (token level, then example level)."""
     pair, icl = refs.pairs[b], refs.icl
-    icl_s = icl.at_pred("scores")
+    L = len(icl.layers)
+    names = ("Kendall", baseline_column("Kendall", "uniform_random"), "Kendall_example",
+             baseline_column("Kendall_example", "uniform_random"))
+    if not ft.step_queries or ft.diverged or collapsed:
+        return [dict.fromkeys(names, float("nan")) for _ in range(L)]
+    ken_pos, demo_lens = _kendall_positions(pair, cfg.loss_tokens)
+    off = 1 if pair.spans.bos is not None else 0
+    q_steps = torch.cat([qs[:, off:] for qs in ft.step_queries[: pair.k]], 1)  # layer tok ...
+    s_demo = icl.at_pred("scores")[:, b][..., ken_pos]  # layer head demo_tok
+    scale = torch.tensor([_scale(icl, li) for li in range(L)], dtype=torch.float64)
     q_ft = ftr.at_pred("q")[:, i]  # layer head d_head
-    use_ken = bool(ft.step_queries) and not (ft.diverged or collapsed)
-    if use_ken:
-        ken_pos, demo_lens = _kendall_positions(pair, cfg.loss_tokens)
-        off = 1 if pair.spans.bos is not None else 0
-    out = []
-    for li in range(len(icl.layers)):
-        ken = ken_ex = ken_rand = ken_ex_rand = float("nan")
-        if use_ken:
-            q_steps = torch.cat([qs[li, off:] for qs in ft.step_queries[: pair.k]])
-            s_demo = icl_s[li, b][:, ken_pos]
-            sc = _scale(icl, li)
-            ken = M.kendall_icl_ft(s_demo, q_steps, q_ft[li], scale=sc)
-            ken_ex = M.kendall_icl_ft(s_demo, q_steps, q_ft[li], scale=sc, level="example",
-                                      demo_lengths=demo_lens)
-            icl_w = torch.softmax(s_demo.double().sum(0), -1)
-            ken_rand = M.kendall_tau(icl_w, _draw(torch.rand, icl_w, gen))
-            ex_w = torch.stack([w.sum() for w in icl_w.split(demo_lens)])
-            ken_ex_rand = M.kendall_tau(ex_w, _draw(torch.rand, ex_w, gen))
-        out.append({"Kendall": ken, baseline_column("Kendall", "uniform_random"): ken_rand,
-                    "Kendall_example": ken_ex,
-                    baseline_column("Kendall_example", "uniform_random"): ken_ex_rand})
-    return out
+    tok = M.kendall_weights(s_demo, q_steps, q_ft, scale=scale)
+    ex = M.kendall_weights(s_demo, q_steps, q_ft, scale=scale, level="example",
+                           demo_lengths=demo_lens)
+    icl_w = torch.softmax(s_demo.double().sum(1), -1)
+    ex_w = torch.stack([torch.stack([w.sum() for w in row.split(demo_lens)]) for row in icl_w])
+    draws = [(_draw(torch.rand, icl_w[li], gen), _draw(torch.rand, ex_w[li], gen))
+             for li in range(L)]
+    cols = (M.kendall_tau_rows(*tok), M.kendall_tau_rows(icl_w, torch.stack([d[0] for d in draws])),
+            M.kendall_tau_rows(*ex), M.kendall_tau_rows(ex_w, torch.stack([d[1] for d in draws])))
+    return [dict(zip(names, vals)) for vals in zip(*cols)]
 
 
 def _draw(sample: Any, like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

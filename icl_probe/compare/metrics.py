@@ -17,7 +17,6 @@ below are pure (tensors in, numbers out) and are tested against slow references;
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import einops
@@ -72,23 +71,43 @@ def kendall_tau(a: torch.Tensor, b: torch.Tensor) -> float:
     on the sign matrices for up to :data:`KENDALL_DIRECT_MAX` items (exact, fast for the
     demonstration-token counts the comparison sees), SciPy's O(n log n) routine beyond. NaN
     when either weighting is constant."""
-    a, b = a.double().flatten().cpu(), b.double().flatten().cpu()
-    n = a.numel()
-    if n != b.numel() or n < 2:
+    a, b = a.flatten(), b.flatten()
+    if a.numel() != b.numel() or a.numel() < 2:
         raise IclProbeError(f"kendall_tau: need two vectors of equal length >= 2, got "
                             f"{a.numel()} and {b.numel()}")
-    if bool((a == a[0]).all()) or bool((b == b[0]).all()):
-        return float("nan")  # a constant weighting has no order
+    return kendall_tau_rows(a[None], b[None])[0]
+
+
+def kendall_tau_rows(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """:func:`kendall_tau` of each row of ``a`` (rows items) with the same row of ``b``, the
+    rows counted together (a few rows at a time, so that the sign matrices stay near
+    :data:`KENDALL_BLOCK` numbers)."""
+    a, b = a.double().cpu(), b.double().cpu()
+    if a.shape != b.shape or a.dim() != 2 or a.shape[1] < 2:
+        raise IclProbeError(f"kendall_tau_rows: need two (rows, items) tensors of one shape "
+                            f"with >= 2 items, got {tuple(a.shape)} and {tuple(b.shape)}")
+    n = a.shape[1]
     if n > KENDALL_DIRECT_MAX:
-        return float(kendalltau(a.numpy(), b.numpy(), variant="b").statistic)
-    da = torch.sign(a[:, None] - a[None, :]).triu(1)
-    db = torch.sign(b[:, None] - b[None, :]).triu(1)
-    num = float((da * db).sum())
-    den = math.sqrt(float((da != 0).sum()) * float((db != 0).sum()))
-    return num / den
+        out = [float(kendalltau(x.numpy(), y.numpy(), variant="b").statistic)
+               for x, y in zip(a, b)]
+    else:
+        out = []
+        step = max(1, KENDALL_BLOCK // (n * n))
+        for lo in range(0, a.shape[0], step):
+            x, y = a[lo: lo + step], b[lo: lo + step]
+            dx = torch.sign(x[:, :, None] - x[:, None, :]).triu(1)
+            dy = torch.sign(y[:, :, None] - y[:, None, :]).triu(1)
+            num = (dx * dy).sum((1, 2))
+            den = ((dx != 0).sum((1, 2)) * (dy != 0).sum((1, 2))).double().sqrt()
+            out += (num / den).tolist()
+    constant = (a == a[:, :1]).all(1) | (b == b[:, :1]).all(1)
+    return [float("nan") if c else t for c, t in zip(constant.tolist(), out)]
 
 
 KENDALL_DIRECT_MAX = 2048
+
+
+KENDALL_BLOCK = 2**23  # numbers per sign matrix when rows are counted together
 
 
 KENDALL_LEVELS = ("token", "example")
@@ -108,26 +127,46 @@ def kendall_icl_ft(scores_icl: torch.Tensor, q_steps: torch.Tensor, q_ft: torch.
     ``level="token"``: τ between the two weightings of the tokens; ``level="example"``: the
     weights summed per demonstration first (``demo_lengths`` gives each demonstration's token
     count), τ over demonstrations (Dai's example-level form)."""
+    w_icl, w_ft = kendall_weights(scores_icl[None], q_steps[None], q_ft[None],
+                                  scale=torch.tensor([float(scale)], dtype=torch.float64),
+                                  level=level, demo_lengths=demo_lengths)
+    return kendall_tau_rows(w_icl, w_ft)[0]
+
+
+def kendall_weights(scores_icl: torch.Tensor, q_steps: torch.Tensor, q_ft: torch.Tensor, *,
+                    scale: torch.Tensor, level: str = "token",
+                    demo_lengths: Sequence[int] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two weightings :func:`kendall_icl_ft` ranks, for many layers at once (a leading
+    ``layer`` axis on every argument; ``scale`` one factor per layer): ``(icl_w, ft_w)``,
+    each ``layer demo_tok`` (``layer demo`` at the example level), in float64."""
     if level not in KENDALL_LEVELS:
         raise IclProbeError(f"kendall_icl_ft(level={level!r}): expected one of {KENDALL_LEVELS}")
-    if scores_icl.shape[-1] != q_steps.shape[0]:
+    if scores_icl.shape[-1] != q_steps.shape[1]:
         raise IclProbeError(f"kendall_icl_ft: {scores_icl.shape[-1]} ICL demonstration tokens "
-                            f"but {q_steps.shape[0]} recorded FT queries")
-    icl_w = torch.softmax(scores_icl.double().sum(0), -1)
-    q_steps, q_ft = q_steps.double() * scale, q_ft.double() * scale
-    ft_w = torch.softmax(einops.einsum(q_steps, q_ft, "tok head d_head, head d_head -> tok"), -1)
+                            f"but {q_steps.shape[1]} recorded FT queries")
+    icl_w = torch.softmax(scores_icl.double().sum(1), -1)
+    sc = scale.double().to(q_steps.device)
+    q_steps = q_steps.double() * sc[:, None, None, None]
+    q_ft = q_ft.double() * sc[:, None, None]
+    ft_w = torch.softmax(einops.einsum(q_steps, q_ft, "layer tok head d_head, "
+                                       "layer head d_head -> layer tok"), -1)
     if level == "example":
-        if demo_lengths is None or sum(demo_lengths) != icl_w.numel():
+        if demo_lengths is None or sum(demo_lengths) != icl_w.shape[-1]:
             raise IclProbeError(f"kendall_icl_ft(level='example'): demo_lengths must sum to the "
-                                f"{icl_w.numel()} demonstration tokens, got {demo_lengths}")
-        dev = icl_w.device
-        demo = torch.repeat_interleave(torch.arange(len(demo_lengths), device=dev),
-                                       torch.tensor(list(demo_lengths), device=dev))
-        icl_w = torch.zeros(len(demo_lengths), dtype=icl_w.dtype, device=dev).index_add_(
-            0, demo, icl_w)
-        ft_w = torch.zeros(len(demo_lengths), dtype=ft_w.dtype, device=dev).index_add_(
-            0, demo, ft_w.to(dev))
-    return kendall_tau(icl_w, ft_w)
+                                f"{icl_w.shape[-1]} demonstration tokens, got {demo_lengths}")
+        icl_w, ft_w = per_demonstration(icl_w, demo_lengths), per_demonstration(
+            ft_w.to(icl_w.device), demo_lengths)
+    return icl_w, ft_w
+
+
+def per_demonstration(w: torch.Tensor, demo_lengths: Sequence[int]) -> torch.Tensor:
+    """Token weights (``... demo_tok``) summed per demonstration (``... demo``), in order."""
+    dev = w.device
+    demo = torch.repeat_interleave(torch.arange(len(demo_lengths), device=dev),
+                                   torch.tensor(list(demo_lengths), device=dev))
+    out = torch.zeros(*w.shape[:-1], len(demo_lengths), dtype=w.dtype, device=dev)
+    return out.index_add_(-1, demo, w)
 
 
 def simaou_uniform_random(h_zs: torch.Tensor, h_icl: torch.Tensor, r: torch.Tensor,

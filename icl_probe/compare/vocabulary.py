@@ -39,6 +39,9 @@ ICL_WHAT = ("scores", "attn_out")
 ZS_BATCH = 32  # zero-shot prompts are short: larger batches cost little memory
 
 
+EVAL_CHUNK = 16  # queries whose fine-tuned and zero-shot traces an evaluation holds at once
+
+
 ZS_WHAT = ("q", "k", "v", "scores", "attn_out")  # a fine-tuned model's zero-shot trace
 
 # what the zero-shot reference record keeps for reuse by every fine-tune of a (task, seed,

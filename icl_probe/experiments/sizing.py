@@ -18,13 +18,15 @@ from ..tasks import load_task
 
 def record_bytes(shape: ModelShape, what: Iterable[str], n_prompts: int, tokens: int, *,
                  positions: int = 1, logits: bool = True, weights: bool = True,
-                 weight_bytes: int = 4) -> int:
+                 weight_bytes: int = 4, data_bytes: int = 4) -> int:
     """Bytes of an :class:`~icl_probe.hooks.AttentionRecord` of ``n_prompts`` prompts padded
     to ``tokens``, holding ``what`` at ``positions`` captured positions of every layer, with
     (``logits``) the logits at the prediction position and (``weights``) the stacked
     attention weights in the model's dtype, ``weight_bytes`` per number (biases, a few
     thousand numbers, left out). Records are float32 (half-precision models' records are
-    widened); all records of one model share one stack of weights (cached on the model)."""
+    widened), ``data_bytes`` per captured number where a record is kept narrower
+    (:func:`icl_probe.hooks.compact`); all records of one model share one stack of weights
+    (cached on the model)."""
     what = tuple(what)
     unknown = set(what) - set(REGISTRY)
     if unknown:
@@ -33,9 +35,9 @@ def record_bytes(shape: ModelShape, what: Iterable[str], n_prompts: int, tokens:
     per = {w: REGISTRY[w].width(sizes) * (tokens if REGISTRY[w].layout == "key" else positions)
            for w in what}
     L, B = shape.n_layers, n_prompts
-    n = L * B * sum(per[w] for w in what)
-    n += B * shape.d_vocab if logits else 0
-    return 4 * n + (weight_bytes * attention_weight_count(shape) if weights else 0)
+    n = data_bytes * L * B * sum(per[w] for w in what)
+    n += 4 * B * shape.d_vocab if logits else 0
+    return n + (weight_bytes * attention_weight_count(shape) if weights else 0)
 
 
 def attention_weight_count(shape: ModelShape) -> int:

@@ -69,15 +69,24 @@ def shared_prefix_length(pairs: Sequence[PromptPair], kind: str = "icl") -> int:
 def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
                         what: Iterable[str] | None = None, layers: Iterable[int] | None = None,
                         batch_size: int = 16, min_prefix: int = 8,
-                        fast: bool | None = None, weights: bool = True) -> AttentionRecord:
+                        fast: bool | None = None, weights: bool = True,
+                        prefix_what: Iterable[str] = ()) -> AttentionRecord:
     """:func:`icl_probe.trace` of the pairs' ICL prompts at the prediction position, with the
     prefix every prompt shares run once (see the module docstring). ``fast=False`` (or
     ``ICL_PROBE_FAST=0``) runs every full prompt instead; the shortcut checks itself against
     one full prompt on every call (:mod:`icl_probe.hooks.selfcheck`). ``weights``: as for
-    :func:`icl_probe.trace`."""
+    :func:`icl_probe.trace`. ``prefix_what``: key-side quantities (``"k"``, ``"v"``) of the
+    shared prefix itself, captured in the pass that builds its cache, left in
+    ``record.meta["prefix"]`` as ``{name: (layer, prefix_pos, kv_head, d_head)}`` (absent
+    where the call took the full prompts: the caller then has no prefix to read)."""
     layer_list = resolve_layers(layers, model.cfg.n_layers, "trace_shared_prefix")
     check_batch_size(batch_size, "trace_shared_prefix")
     what = tuple(QUANTITIES) if what is None else tuple(dict.fromkeys(what))
+    prefix_what = tuple(dict.fromkeys(prefix_what))
+    bad = [q for q in prefix_what if q not in HOOKS or HOOKS[q][1] != "key"]
+    if bad:
+        raise TraceError(f"trace_shared_prefix(prefix_what={list(prefix_what)}): {bad} are not "
+                         "key-side quantities; the prefix keeps only 'k' and 'v'")
     P = shared_prefix_length(pairs) if len(pairs) > 1 else 0
     names, direct = hook_names(model)
 
@@ -90,14 +99,14 @@ def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
     if (P < min_prefix or not direct or "head_out" in what or any(attention_spec(model).window)
             or not fast_enabled(fast)):
         return whole()
-    _check_request(model, what, names)
+    _check_request(model, what + prefix_what, names)
     ids = [p.icl_ids for p in pairs]
     lengths = torch.tensor([len(x) for x in ids])
     if int(lengths.max()) > model.cfg.n_ctx:
         raise TraceError(f"trace_shared_prefix: a prompt has {int(lengths.max())} tokens; the "
                          f"context holds {model.cfg.n_ctx}")
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    prefix = _prefix_pass(model, ids, lengths, order, P, what, layer_list, names)
+    prefix = _prefix_pass(model, ids, lengths, order, P, what, layer_list, names, prefix_what)
     if prefix is None:  # this release's cache cannot be cut back or repeated
         return whole()
     store, logits_parts, fast_scores = _suffix_pass(model, ids, lengths, order, P, what,
@@ -108,6 +117,9 @@ def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
                                                           prefix["slow_scores"][0])
     selfcheck.check("trace_shared_prefix", checks, next(model.parameters()).dtype)
     data = _assemble(store, prefix["kv"], what, layer_list, order, lengths)
+    meta: dict[str, Any] = {"shared_prefix": P}
+    if prefix_what:
+        meta["prefix"] = {q: torch.stack(prefix["kv"][q])[:, 0] for q in prefix_what}
     pred = lengths - 1
     positions, pos_mask = pad_stack([p[None] for p in pred])
     key_t, key_mask = pad_stack([torch.arange(int(n)) for n in lengths])
@@ -117,7 +129,7 @@ def trace_shared_prefix(model: Any, pairs: Sequence[PromptPair], *,
         key_mask=key_mask, data=data,
         weights=attention_weights(model, layer_list) if weights else {},
         logits=in_order(logits_parts, order), hook_names={q: names[q] for q in data},
-        kind="icl", q_rotated=True, meta={"shared_prefix": P})
+        kind="icl", q_rotated=True, meta=meta)
 
 
 def _check_request(model: Any, what: tuple[str, ...], names: dict[str, str]) -> None:
@@ -133,15 +145,15 @@ def _check_request(model: Any, what: tuple[str, ...], names: dict[str, str]) -> 
 
 
 def _prefix_pass(model: Any, ids: list[torch.Tensor], lengths: torch.Tensor, order: list[int],
-                 P: int, what: tuple[str, ...], layer_list: list[int], names: dict[str, str]
-                 ) -> dict[str, Any] | None:
+                 P: int, what: tuple[str, ...], layer_list: list[int], names: dict[str, str],
+                 prefix_what: tuple[str, ...] = ()) -> dict[str, Any] | None:
     """The prefix, once: its cache, and its keys/values where asked for (None where the cache
     cannot be cut back). The self-check rides on it: the shortest prompt runs whole (the slow,
     exact path) in the forward that builds the prefix's cache, which is then cut back to the
     prefix; its logits at p and the check layer's scores over every key are kept to compare
     with the fast path's."""
     device = next(model.parameters()).device
-    key_q = [q for q in what if HOOKS[q][1] == "key"]
+    key_q = list(dict.fromkeys([q for q in what if HOOKS[q][1] == "key"] + list(prefix_what)))
     c, n_c = order[0], int(lengths[order[0]])
     score_hook = names["scores"].format(l=check_layer(model))  # not windowed: see the caller
     slow_scores: list[torch.Tensor] = []

@@ -122,14 +122,19 @@ class AttentionRecord:
 
     # ---------------------------------------------------------------- access
     def __getattr__(self, name: str) -> torch.Tensor:
+        return _widen(self._stored(name))
+
+    def _stored(self, name: str) -> torch.Tensor:
+        """A quantity as the record keeps it: half-precision tensors (a half-precision model's
+        weight stack, data :func:`compact` narrowed) not yet widened."""
         data = self.__dict__.get("data", {})
         weights = self.__dict__.get("weights", {})
         if name in ("k", "v") and name in data:
             return expand_kv(data[name], self.kv_head_of, dim=3)
         if name in data:
             return data[name]
-        if name in weights:  # the stack is in the model's dtype: half precision widened here
-            w = weights[name].float() if weights[name].dtype in HALF else weights[name]
+        if name in weights:
+            w = weights[name]
             return expand_kv(w, self.kv_head_of, dim=1) if name in ("W_K", "W_V", "b_K",
                                                                    "b_V") else w
         raise AttributeError(
@@ -161,13 +166,38 @@ class AttentionRecord:
 
     def at_pred(self, name: str) -> _AtPred:
         """A query-side quantity at each prompt's prediction position: (layer, batch, ...)."""
-        x = getattr(self, name)
+        x = self._stored(name)  # widened after the positions are picked, not before
         b = torch.arange(x.shape[1], device=x.device)
-        return x[:, b, self.pred_slot.to(x.device)]
+        return _widen(x[:, b, self.pred_slot.to(x.device)])
 
     @property
     def batch_size(self) -> int:
         return int(self.lengths.shape[0])
+
+
+def _widen(x: torch.Tensor) -> torch.Tensor:
+    """Half precision as float32 (exact), anything else as it is: a record hands out float32
+    for a half-precision model, however it keeps it."""
+    return x.float() if x.dtype in HALF else x
+
+
+def compact(rec: AttentionRecord, dtype: torch.dtype) -> AttentionRecord:
+    """Keep every float32 tensor of ``rec.data`` in ``dtype`` (a half-precision model's own
+    dtype) where each of its values survives the round trip exactly, in place; ``rec`` is
+    returned. A half-precision model computes its hooked activations in its own dtype and the
+    record widens them to float32, so they narrow back without loss and the record hands out
+    the same float32 numbers at half the memory. Quantities computed after the forward in
+    float32 do not survive the round trip and stay as they are. Not half precision: nothing
+    changes."""
+    if dtype not in HALF:
+        return rec
+    for name, x in rec.data.items():
+        if x.dtype == torch.float32:
+            y = x.to(dtype)
+            # layer by layer: the check widens one layer's slice at a time, not the whole tensor
+            if all(torch.equal(y[i].float(), x[i]) for i in range(len(x))):
+                rec.data[name] = y
+    return rec
 
 
 def pad_stack(rows: list[torch.Tensor], fill: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ...compare import (ANCHORS, ICL_WHAT, ZS_HELD, ZS_WHAT, Comparison, anchor_column,
-                        compact_table, lr_grid, select_lr, sweep_rows)
+from ...compare import (ANCHORS, EVAL_CHUNK, ICL_WHAT, ZS_HELD, ZS_WHAT, Comparison,
+                        anchor_column, compact_table, lr_grid, select_lr, sweep_rows)
 from ...compare import summarise as summarise_rows
 from ...errors import CompareError, ConfigError, ExperimentError
 from ...gd import FineTuneConfig
@@ -129,15 +129,18 @@ class IclVsGd(Section):
         ft = finetune_bytes(shape, trainable_count(shape, s.params), ft_tokens, b, opt)
         # kept per (task, seed, variant): the ICL and ZS records of test + dev queries (the ZS
         # one without its full-length k and v) and ΔM_ICL, the demonstrations' Σ v ⊗ k per
-        # layer and kv head in float64 (docs/protocol.md, Cost); per unit, transiently, the
-        # demonstration prefix's k and v (ΔM_ICL is summed from them), a ZS record of the
-        # fine-tuned model and the base model's ZS k and v, traced again for the evaluation
-        refs = (record_bytes(shape, ICL_WHAT, n, icl, weights=False)
-                + record_bytes(shape, ZS_HELD, n, zs, weights=False)
-                + 8 * shape.n_layers * shape.n_kv_heads * shape.d_head ** 2)
+        # layer and kv head (docs/protocol.md, Cost), a half-precision model's activations in
+        # its own dtype and ΔM_ICL in float32 (compare.references); per unit, transiently, the
+        # demonstration prefix's k and v (ΔM_ICL is summed from them), and per chunk of the
+        # evaluation a ZS record of the fine-tuned model and the base model's ZS k and v
+        held, op = min(b, 4), (4 if b < 4 else 8)
+        refs = (record_bytes(shape, ICL_WHAT, n, icl, weights=False, data_bytes=held)
+                + record_bytes(shape, ZS_HELD, n, zs, weights=False, data_bytes=held)
+                + op * shape.n_layers * shape.n_kv_heads * shape.d_head ** 2)
+        chunk = min(s.queries, EVAL_CHUNK)  # the evaluation's traces, streamed per chunk
         transient = (record_bytes(shape, ("k", "v"), 1, demos, logits=False, weights=False)
-                     + record_bytes(shape, ZS_WHAT, s.queries, zs, weights=False)
-                     + record_bytes(shape, ("k", "v"), s.queries, zs, weights=False))
+                     + record_bytes(shape, ZS_WHAT, chunk, zs, weights=False)
+                     + record_bytes(shape, ("k", "v"), chunk, zs, weights=False))
         models = {"untrained", "embeddings_only"} & set(s.baselines)
         variants = 1 + len({"shuffled_labels"} & set(s.baselines)) + len(models)
         # the comparison's records keep no stack of attention weights (trace(weights=False))
