@@ -8,8 +8,8 @@ where no GPU is present): a smoke test of this script, not a measurement.
 Steps, each from a clean peak counter (``torch.cuda.max_memory_allocated``: what the caching
 allocator handed out, the figure ``plan`` models; the CUDA context, ~0.5 GB, comes on top):
 bare forward; trace at the prediction position; all implied updates; one Dai fine-tune on kv;
-one ``compare()`` unit of a Dai table (k = 8, 8 queries, one seed, every baseline: the two
-random-weight baseline models are built for it); Shen et al.'s whole-model GD (SGD on every
+one ``compare()`` unit of a Dai table (``--unit-k`` 8, ``--unit-queries`` 8, one seed, every
+baseline: the two random-weight baseline models are built for it, one at a time); Shen et al.'s whole-model GD (SGD on every
 parameter, full batch, 2 epochs, with a checkpoint of the metrics after each).
 
 The tokenizer: ``--tokenizer DIR`` (a saved Hugging Face tokenizer, e.g. SmolLM2's, 49,152
@@ -46,8 +46,8 @@ name = "bench_dai_unit"
 sections = ["icl_vs_gd"]
 [icl_vs_gd]
 tasks = ["sentiment"]
-k = 8
-queries = 8
+k = {k}
+queries = {queries}
 dev_queries = 1  # the minimum; one rate: compare() runs no dev split
 seeds = [0]
 lrs = [1e-3]
@@ -107,6 +107,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--unit-k", type=int, default=8, help="the compare() unit's k")
+    ap.add_argument("--unit-queries", type=int, default=8, help="the compare() unit's queries")
     ap.add_argument("--small", action="store_true", help="a 2-layer smoke test of the script")
     ap.add_argument("--tokenizer", default=None, help="a saved tokenizer directory")
     ap.add_argument("--only", nargs="*", default=None,
@@ -129,7 +131,8 @@ def main() -> None:
     print(f"LLaMA-7B-shaped, {model.cfg.n_layers} layers, {n_params / 1e9:.2f} B parameters, "
           f"bf16 weights: {weights:.1f} GiB; {len(pairs)} prompts, {n_tok} tokens")
     tmp = Path(tempfile.mkdtemp(prefix="bench_plan_"))
-    plans = {"compare() unit": planned(DAI, where, tmp),
+    dai = DAI.format(k=args.unit_k, queries=args.unit_queries)
+    plans = {"compare() unit": planned(dai, where, tmp),
              "shen whole-model SGD": planned(SHEN, where, tmp)} if args.tokenizer else {}
     steps = [
         ("bare forward", True, lambda: model(torch.nn.utils.rnn.pad_sequence(
@@ -138,7 +141,7 @@ def main() -> None:
         ("implied_updates", True, lambda: ip.implied_updates(model, pairs)),
         ("finetune dai kv", False, lambda: ip.finetune(model, pairs[0], lr=1e-3)),
         ("compare() unit", False, lambda: ip.compare(
-            model, "sentiment", k=8, queries=8, seeds=[0],
+            model, "sentiment", k=args.unit_k, queries=args.unit_queries, seeds=[0],
             gd=ip.FineTuneConfig(method="dai", params="kv", lr=1e-3), progress=False)),
         ("shen whole-model SGD", False, lambda: shen_curves(
             model, "sentiment", n_demos=8, methods=[EpochFineTune(params="all", epochs=2)],

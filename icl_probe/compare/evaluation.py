@@ -218,8 +218,7 @@ def _kendall_rows(refs: _Refs, b: int, ft: Any, ftr: Any, i: int, cfg: FineTuneC
     scale = torch.tensor([_scale(icl, li) for li in range(L)], dtype=torch.float64)
     q_ft = ftr.at_pred("q")[:, i]  # layer head d_head
     tok = M.kendall_weights(s_demo, q_steps, q_ft, scale=scale)
-    ex = M.kendall_weights(s_demo, q_steps, q_ft, scale=scale, level="example",
-                           demo_lengths=demo_lens)
+    ex = tuple(M.per_demonstration(w, demo_lens) for w in tok)  # = level="example"
     icl_w = torch.softmax(s_demo.double().sum(1), -1)
     ex_w = torch.stack([torch.stack([w.sum() for w in row.split(demo_lens)]) for row in icl_w])
     draws = [(_draw(torch.rand, icl_w[li], gen), _draw(torch.rand, ex_w[li], gen))

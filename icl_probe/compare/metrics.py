@@ -94,14 +94,19 @@ def kendall_tau_rows(a: torch.Tensor, b: torch.Tensor) -> list[float]:
         out = []
         step = max(1, KENDALL_BLOCK // (n * n))
         for lo in range(0, a.shape[0], step):
-            x, y = a[lo: lo + step], b[lo: lo + step]
-            dx = torch.sign(x[:, :, None] - x[:, None, :]).triu(1)
-            dy = torch.sign(y[:, :, None] - y[:, None, :]).triu(1)
-            num = (dx * dy).sum((1, 2))
+            # the sign matrices are antisymmetric: sums over every pair count each one twice
+            dx, dy = _signs(a[lo: lo + step]), _signs(b[lo: lo + step])
+            num = (dx * dy).sum((1, 2), dtype=torch.int64).double()
             den = ((dx != 0).sum((1, 2)) * (dy != 0).sum((1, 2))).double().sqrt()
             out += (num / den).tolist()
     constant = (a == a[:, :1]).all(1) | (b == b[:, :1]).all(1)
     return [float("nan") if c else t for c, t in zip(constant.tolist(), out)]
+
+
+def _signs(x: torch.Tensor) -> torch.Tensor:
+    """sign(x_i − x_j) for every pair of each row (rows i j), as int8."""
+    return ((x[:, :, None] > x[:, None, :]).to(torch.int8)
+            - (x[:, :, None] < x[:, None, :]).to(torch.int8))
 
 
 KENDALL_DIRECT_MAX = 2048

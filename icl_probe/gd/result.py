@@ -11,6 +11,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..errors import FineTuneError
+from ..models.architectures import LIVE_HOOKS_CACHE
 from .params import parameter_layers, split_projections, trainable_parameters
 
 
@@ -86,6 +87,8 @@ class FineTunedModel:
             if names:
                 owners[module] = names
         self.__dict__["_owners"] = owners
+        # which hooks fire is the base model's (the deltas change no hook): its probes serve
+        self.__dict__[LIVE_HOOKS_CACHE] = base.__dict__.setdefault(LIVE_HOOKS_CACHE, {})
         self.__dict__["max_patched"] = 0  # most parameters patched at once (for tests)
 
     def _patch(self, names: Sequence[str]) -> list:

@@ -109,6 +109,9 @@ def check_bridgeable(hf_model: Any) -> None:
 # ------------------------------------------------------------------------------ live hooks
 
 
+LIVE_HOOKS_CACHE = "_icl_probe_live_hooks"  # the attribute that remembers a model's probes
+
+
 def live_hooks(model: Any, also: Iterable[str] = ()) -> frozenset[str]:
     """Layer-0 hook names (as ``{l}`` templates) that actually fire on this model, plus
     ``"scores_are_pattern"`` when ``hook_attn_scores`` fires with the softmaxed pattern (bridges
@@ -118,7 +121,7 @@ def live_hooks(model: Any, also: Iterable[str] = ()) -> frozenset[str]:
 
     Measured once per set of templates with a two-token forward and remembered on the model."""
     templates = tuple(dict.fromkeys(ARCHITECTURE_HOOKS + tuple(also)))
-    cache = model.__dict__.setdefault("_icl_probe_live_hooks", {})
+    cache = model.__dict__.setdefault(LIVE_HOOKS_CACHE, {})
     key = frozenset(templates)
     for probed, fired in cache.items():  # a probe of a superset answers without a forward
         if key <= probed:
