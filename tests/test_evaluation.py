@@ -161,20 +161,29 @@ def test_weight_cos_compares_the_demonstrations_operator_with_the_finetunes(mode
 
 @pytest.mark.parametrize("protocol", ["shared", "per_query"])
 def test_streaming_the_evaluation_in_chunks_changes_no_number(model, monkeypatch, protocol):
-    # the evaluation traces and scores its queries chunk by chunk; the random baselines are drawn
-    # query by query, so a chunk of one query and a chunk of every query give the same tables
-    def run():
+    # the evaluation scores its queries chunk by chunk, reading the base model's zero-shot k and
+    # v from the reference set, or tracing them again per chunk once a newer set has taken
+    # their place; the random baselines are drawn query by query, so every arrangement gives
+    # the same tables
+    def run(evicted):
         c = Comparison(model, "capital", k=3, queries=3, protocol=protocol, progress=False)
+        refs = c.refs("model", SEED, "test")
+        assert refs.zs_kv is not None
+        if evicted:
+            c.refs("shuffled_labels", SEED, "test")  # a newer set: this one's k and v go
+            assert refs.zs_kv is None
         return c.run(CFG, SEED)
 
-    whole = run()
+    whole = run(False)
+    runs = {"evicted": run(True)}
     monkeypatch.setattr(evaluation, "EVAL_CHUNK", 1)
-    streamed = run()
-    for name in ("per_query", "per_layer", "per_head"):
-        a, b = whole[name], streamed[name]
-        assert list(a.columns) == list(b.columns) and len(a) == len(b) == {
-            "per_query": 3, "per_layer": 9, "per_head": 54}[name]
-        num = a.select_dtypes("number").columns
-        assert ((a[num] - b[num]).abs().fillna(0).to_numpy() <= 1e-12).all(), name
-        other = [c for c in a.columns if c not in num]
-        assert a[other].equals(b[other]), name
+    runs.update({"streamed": run(False), "streamed, evicted": run(True)})
+    for how, other in runs.items():
+        for name in ("per_query", "per_layer", "per_head"):
+            a, b = whole[name], other[name]
+            assert list(a.columns) == list(b.columns) and len(a) == len(b) == {
+                "per_query": 3, "per_layer": 9, "per_head": 54}[name]
+            num = a.select_dtypes("number").columns
+            assert ((a[num] - b[num]).abs().fillna(0).to_numpy() <= 1e-12).all(), (how, name)
+            rest = [c for c in a.columns if c not in num]
+            assert a[rest].equals(b[rest]), (how, name)

@@ -43,20 +43,24 @@ def _evaluate(model: Any, refs: _Refs, fts: list[Any], cfg: FineTuneConfig, *, g
     baselines are drawn from ``gen`` in a fixed order (query by query: output, attention and
     weight directions, then Kendall's per layer), so a run is reproducible. Streamed over
     chunks of :data:`EVAL_CHUNK` queries: a chunk's traces (the fine-tuned model's zero-shot
-    record, the base model's zero-shot k and v, traced again here rather than kept for reuse)
-    are dropped before the next chunk's are made."""
+    record, and the base model's zero-shot k and v where the reference set no longer holds
+    them) are dropped before the next chunk's are made."""
     pairs = refs.pairs
     rows_q, rows_l, rows_h = [], [], []
     for lo in range(0, len(pairs), EVAL_CHUNK):
         idx = range(lo, min(lo + EVAL_CHUNK, len(pairs)))
         chunk = [pairs[b] for b in idx]
         fts_c = fts if len(fts) == 1 else fts[lo: lo + len(chunk)]
-        zs_kv = trace(model, chunk, kind="zs", what=("k", "v"), batch_size=ZS_BATCH,
-                      weights=False)
+        if refs.zs_kv is not None:  # the base model's zero-shot k and v: the set's own
+            zs_kv = [(refs.zs_kv, b) for b in idx]
+        else:  # or traced again, for this chunk
+            rec = trace(model, chunk, kind="zs", what=("k", "v"), batch_size=ZS_BATCH,
+                        weights=False)
+            zs_kv = [(rec, j) for j in range(len(chunk))]
         ft_of = _ft_runs(chunk, fts_c)
         ft_logits, ft_pred = _ft_predictions(chunk, fts_c, ft_of, position)
         for j, b in enumerate(idx):
-            q, l, h = _query_rows(refs, b, (zs_kv, j), ft_of[j], ft_logits[j], ft_pred[j], cfg,
+            q, l, h = _query_rows(refs, b, zs_kv[j], ft_of[j], ft_logits[j], ft_pred[j], cfg,
                                   gen, keys)
             rows_q.append(q)
             rows_l += l

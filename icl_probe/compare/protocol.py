@@ -161,6 +161,8 @@ class Comparison:
     def refs(self, run: str, seed: int, split: str) -> _Refs:
         key = (run, seed, split)
         if key not in self._refs:
+            for held in self._refs.values():  # zero-shot k and v: the newest set's alone
+                held.zs_kv = None
             self._refs[key] = _reference_runs(self.variant_model(run), self.pairs(run, seed, split),
                                               self.protocol, self.position)
         return self._refs[key]

@@ -3,6 +3,7 @@ every method and learning rate, with the ICL's implied key-value operator."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,9 @@ class _Refs:
     dM_icl: list[torch.Tensor]       # per prompt: layer kv_head d_head d_head
     pred_logits: dict[str, torch.Tensor] = field(default_factory=dict)
     predicted: dict[str, torch.Tensor] = field(default_factory=dict)  # candidate index per run
+    # the base model's zero-shot k and v, captured by the zero-shot trace; a Comparison keeps
+    # them for its most recent set only (the evaluation traces them again for any other)
+    zs_kv: Any = None
 
 
 def _kv_operator(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -37,7 +41,9 @@ def _kv_operator(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def _reference_runs(model: Any, pairs: list[PromptPair], protocol: str, position: str) -> _Refs:
     run_pairs = [_at_label(p) for p in pairs] if position == "label" else pairs
     # the comparison reads activations only: no record keeps a stack of weights alive
-    zs = trace(model, run_pairs, kind="zs", what=ZS_HELD, batch_size=ZS_BATCH, weights=False)
+    zs = trace(model, run_pairs, kind="zs", what=ZS_HELD + ("k", "v"), batch_size=ZS_BATCH,
+               weights=False)
+    zs_kv = dataclasses.replace(zs, data={q: zs.data.pop(q) for q in ("k", "v")}, logits=None)
     dtype = next(model.parameters()).dtype
     # ΔM_ICL is summed in float64 and kept in float32 for a half-precision model, whose k and v
     # carry 8 bits of mantissa: half the memory, no digit the inputs had lost
@@ -55,7 +61,8 @@ def _reference_runs(model: Any, pairs: list[PromptPair], protocol: str, position
             dM_icl.append(_kv_operator(icl.data["k"][:, b, d], icl.data["v"][:, b, d]).to(held))
         del icl.data["k"], icl.data["v"]  # no full-length k and v kept for reuse
     # kept for reuse: a half-precision model's activations in its own dtype, read back exactly
-    refs = _Refs(run_pairs, compact(zs, dtype), compact(icl, dtype), dM_icl)
+    refs = _Refs(run_pairs, compact(zs, dtype), compact(icl, dtype), dM_icl,
+                 zs_kv=compact(zs_kv, dtype))
     if position == "label":  # correctness is still read at the prediction position
         refs.pred_logits["zs"] = _logits(model, pairs, "zs")
         refs.pred_logits["icl"] = _logits(model, pairs, "icl")

@@ -122,21 +122,24 @@ class IclVsGd(Section):
 
     def memory(self, shape: ModelShape, s: IclVsGdSettings, b: int) -> Memory:
         icl, zs, demos, one, how = prompt_tokens(shape, s.tasks, s.k)
-        n = s.queries + s.dev_queries
+        n = s.queries  # reference runs are traced for the test queries (dev: FT logits only)
         opt = 2 if "adam" in s.methods else 0
         # every method but "batch" steps on one demonstration at a time
         ft_tokens = demos if "batch" in s.methods else one
         ft = finetune_bytes(shape, trainable_count(shape, s.params), ft_tokens, b, opt)
-        # kept per (task, seed, variant): the ICL and ZS records of test + dev queries (the ZS
+        # kept per (task, seed, variant): the ICL and ZS records of the test queries (the ZS
         # one without its full-length k and v) and ΔM_ICL, the demonstrations' Σ v ⊗ k per
         # layer and kv head (docs/protocol.md, Cost), a half-precision model's activations in
         # its own dtype and ΔM_ICL in float32 (compare.references); per unit, transiently, the
         # demonstration prefix's k and v (ΔM_ICL is summed from them), and per chunk of the
         # evaluation a ZS record of the fine-tuned model and the base model's ZS k and v
+        # (traced again where the newest set, the only one that keeps them, is another's)
         held, op = min(b, 4), (4 if b < 4 else 8)
         refs = (record_bytes(shape, ICL_WHAT, n, icl, weights=False, data_bytes=held)
                 + record_bytes(shape, ZS_HELD, n, zs, weights=False, data_bytes=held)
                 + op * shape.n_layers * shape.n_kv_heads * shape.d_head ** 2)
+        newest = record_bytes(shape, ("k", "v"), n, zs, logits=False, weights=False,
+                              data_bytes=held)
         chunk = min(s.queries, EVAL_CHUNK)  # the evaluation's traces, streamed per chunk
         transient = (record_bytes(shape, ("k", "v"), 1, demos, logits=False, weights=False)
                      + record_bytes(shape, ZS_WHAT, chunk, zs, weights=False)
@@ -148,11 +151,11 @@ class IclVsGd(Section):
             finetune=ft, finetune_note=(
                 f"params {s.params!r}: {trainable_count(shape, s.params):,} trained, "
                 f"{'Adam' if opt else 'SGD'}, backward over {ft_tokens} tokens"),
-            traces=refs + transient, traces_note=(
+            traces=refs + newest + transient, traces_note=(
                 f"{n} queries, ICL prompts up to {icl} tokens; a process holds "
                 f"{len(s.tasks)} tasks x {len(s.seeds)} seeds x {variants} variants of "
                 "reference records"),
-            held=len(s.tasks) * len(s.seeds) * variants * refs + transient,
+            held=len(s.tasks) * len(s.seeds) * variants * refs + newest + transient,
             extra_models=min(1, len(models)), how=how)
 
     # ---------------------------------------------------------------- the report
