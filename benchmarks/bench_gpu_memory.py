@@ -9,8 +9,9 @@ Steps, each from a clean peak counter (``torch.cuda.max_memory_allocated``: what
 allocator handed out, the figure ``plan`` models; the CUDA context, ~0.5 GB, comes on top):
 bare forward; trace at the prediction position; all implied updates; one Dai fine-tune on kv;
 one ``compare()`` unit of a Dai table (``--unit-k`` 8, ``--unit-queries`` 8, one seed, every
-baseline: the two random-weight baseline models are built for it, one at a time); Shen et al.'s whole-model GD (SGD on every
-parameter, full batch, 2 epochs, with a checkpoint of the metrics after each).
+baseline: the two random-weight baseline models are built for it, one at a time); Shen et
+al.'s whole-model GD (SGD on every parameter, full batch, 2 epochs, with a checkpoint of the
+metrics after each).
 
 The tokenizer: ``--tokenizer DIR`` (a saved Hugging Face tokenizer, e.g. SmolLM2's, 49,152
 tokens against LLaMA's 32,000: 0.28 GB more of embeddings and unembedding); without it, the
