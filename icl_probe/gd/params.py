@@ -170,8 +170,9 @@ def training(model: Any, train: dict[str, torch.nn.Parameter]
              ) -> Iterator[dict[str, torch.Tensor]]:
     """Only ``train`` requires gradients, and dropout is off (a run is deterministic); yields
     copies of the trained parameters' original values. On exit, also on error, the parameters
-    are restored exactly from those copies (float deltas cannot give them back bit for bit)
-    and every parameter's gradient flag is put back."""
+    are restored exactly from those copies (float deltas cannot give them back bit for bit),
+    their gradients dropped (a finished run's gradients would stay on the model, as large as
+    the trained parameters) and every parameter's gradient flag is put back."""
     all_params = list(model.parameters())
     flags = [p.requires_grad for p in all_params]
     saved = {n: p.detach().clone() for n, p in train.items()}
@@ -186,6 +187,7 @@ def training(model: Any, train: dict[str, torch.nn.Parameter]
         with torch.no_grad():
             for n, p in train.items():
                 p.copy_(saved[n])
+                p.grad = None
         for p, f in zip(all_params, flags):
             p.requires_grad_(f)
         model.eval()

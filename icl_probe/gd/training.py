@@ -156,6 +156,7 @@ def _train(model: Any, pair: PromptPair, train: dict[str, torch.nn.Parameter],
                 if diverged:
                     break
         run["diverged"] = diverged
+        opt.zero_grad(set_to_none=True)  # the last step's gradients: not beside the deltas
         run["deltas"] = {n: (p.detach() - saved[n]) for n, p in train.items()}
     return run
 
