@@ -49,7 +49,7 @@ from .errors import (CacheError, CompareError, ConfigError, DualError, Experimen
                      ProbeError, PromptError, TaskFileError, TraceError)
 from .experiments import Config, load_config
 from .gd import FineTune, FineTuneConfig, FineTunedModel, finetune
-from .hooks import AttentionRecord, trace
+from .hooks import AttentionRecord, load_record, trace
 from .models import load_model, tiny_model
 from .probes import ImpliedUpdates, demo_mass, implied_updates, update_trajectory, verify_identities
 from .prompts import PromptPair, build_prompt, build_prompts
@@ -60,7 +60,7 @@ from .version import __version__
 __all__ = [
     # verbs
     "load_model", "tiny_model", "load_task", "load_anchor_dataset", "shipped_tasks",
-    "build_prompt", "build_prompts", "trace", "demo_mass", "implied_updates",
+    "build_prompt", "build_prompts", "trace", "load_record", "demo_mass", "implied_updates",
     "verify_identities", "update_trajectory", "finetune", "compare", "load_config",
     "run_experiment",
     # result and configuration types

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import icl_probe as ip
-from conftest import TINY_FUSED, assert_row_equals_alone
-from icl_probe.hooks import expand_kv, grouped_einsum
+from conftest import TINY_FUSED, TINY_LLAMA, assert_row_equals_alone
+from icl_probe.hooks import compact, expand_kv, grouped_einsum
 
 F64_TOL = 1e-10  # float64 on tiny models: only summation-order rounding remains
 
@@ -229,3 +229,51 @@ def test_records_of_a_half_precision_model_share_one_stack_widened_on_access():
         if name in ("W_K", "W_V"):
             stored = stored[:, a.kv_head_of]
         assert torch.equal(w, stored)
+
+
+def _assert_same_record(a, b):
+    """Every field of two records equal, every tensor bit for bit and in the same dtype."""
+    for f in ("layers", "n_heads", "n_kv_heads", "d_head", "hook_names", "kind", "q_rotated",
+              "meta", "softcap", "window"):
+        assert getattr(a, f) == getattr(b, f), f
+    for group in ("data", "weights"):
+        x, y = getattr(a, group), getattr(b, group)
+        assert sorted(x) == sorted(y), group
+        for name in x:
+            assert x[name].dtype == y[name].dtype and torch.equal(x[name], y[name]), name
+    for f in ("kv_head_of", "lengths", "pred", "positions", "pos_mask", "pred_slot",
+              "key_positions", "key_mask", "logits", "scale"):
+        x, y = getattr(a, f), getattr(b, f)
+        assert x.dtype == y.dtype and torch.equal(x, y), f
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_saved_record_loads_back_bit_for_bit_without_the_model(tmp_path, dtype):
+    model = ip.tiny_model(dtype=dtype, seed=5, **TINY_LLAMA)
+    pairs = ip.build_prompts(model, "capital", range(3), k=2)
+    rec = ip.trace(model, pairs, positions="all")  # every quantity, the weights, -inf scores
+    rec.meta["note"] = {"k": 2, "tasks": ["capital"]}
+    if dtype == torch.bfloat16:
+        compact(rec, dtype)  # bf16 tensors beside float32 ones
+        assert rec.data["scores"].dtype == torch.bfloat16
+    path = rec.save(tmp_path / "rec" / "capital.safetensors")
+    assert path.is_file() and (tmp_path / "rec" / "capital.safetensors.json").is_file()
+    back = ip.load_record(path)
+    _assert_same_record(rec, back)
+    assert torch.equal(back.at_pred("scores"), rec.at_pred("scores"))  # analyses run on it
+    assert torch.equal(back.W_K, rec.W_K)
+
+
+def test_saving_and_loading_records_name_the_problem(tmp_path):
+    model = ip.tiny_model(seed=5)
+    rec = ip.trace(model, ip.build_prompts(model, "capital", range(2), k=2), what=("scores",))
+    rec.meta["bad"] = torch.zeros(2)
+    with pytest.raises(ip.TraceError, match="meta must hold JSON values"):
+        rec.save(tmp_path / "r.safetensors")
+    with pytest.raises(ip.TraceError, match=r"r.safetensors.json not found"):
+        ip.load_record(tmp_path / "r.safetensors")
+    del rec.meta["bad"]
+    path = rec.save(tmp_path / "r.safetensors")
+    (tmp_path / "r.safetensors.json").write_text('{"format": "something else"}')
+    with pytest.raises(ip.TraceError, match="not an icl-probe record"):
+        ip.load_record(path)

@@ -18,19 +18,19 @@ from .capture import hook_names, logits_to_keep, query_capture_hooks
 from .gqa import expand_kv, group_mapping, grouped_einsum, n_kv_heads
 from .prefix import shared_prefix_length, trace_shared_prefix
 from .quantities import DERIVED, EXTRA, HOOKS, QUANTITIES, REGISTRY, Quantity, fired_hooks
-from .record import (AttentionRecord, check_batch_size, compact, in_order, model_record, pad_stack,
-                     pad_to, resolve_layers)
+from .record import (RECORD_FORMAT, AttentionRecord, check_batch_size, compact, in_order,
+                     load_record, model_record, pad_stack, pad_to, resolve_layers)
 from .scoring import answer_logprobs, predictions
 from .selfcheck import FAST_ENV, fast_enabled, stack_versions
 from .tracing import PositionSpec, trace
 from .weights import attention_weights, clear_weight_cache
 
 __all__ = [
-    "AttentionRecord", "DERIVED", "EXTRA", "FAST_ENV", "HOOKS", "PositionSpec", "QUANTITIES",
+    "AttentionRecord", "DERIVED", "RECORD_FORMAT", "EXTRA", "FAST_ENV", "HOOKS", "PositionSpec", "QUANTITIES",
     "Quantity", "REGISTRY", "fired_hooks",
     "answer_logprobs", "attention_weights", "check_batch_size", "clear_weight_cache",
     "compact", "expand_kv", "fast_enabled", "group_mapping", "grouped_einsum", "hook_names",
-    "in_order",
+    "in_order", "load_record",
     "logits_to_keep", "model_record", "n_kv_heads", "pad_stack", "pad_to", "predictions",
     "query_capture_hooks", "resolve_layers", "shared_prefix_length", "stack_versions", "trace",
     "trace_shared_prefix",

@@ -3,13 +3,16 @@ positions asked for, and the helpers that lay its tensors out (layer lists, padd
 
 from __future__ import annotations
 
+import json
 import operator
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int, Shaped
+from safetensors.torch import load_file, save_file
 
 from ..errors import TraceError
 from ..models import attention_spec
@@ -173,6 +176,67 @@ class AttentionRecord:
     @property
     def batch_size(self) -> int:
         return int(self.lengths.shape[0])
+
+    # ---------------------------------------------------------------- on disk
+    def save(self, path: str | Path) -> Path:
+        """Write the record to ``path`` (safetensors: every tensor, in its own dtype) and
+        ``path`` + ``.json`` beside it (every other field); :func:`load_record` reads both
+        back bit for bit, without the model. ``meta`` must hold JSON values (numbers, strings,
+        lists, dicts). Returns ``path``."""
+        path = Path(path)
+        tensors = {f"{group}/{name}": x for group in _TENSOR_GROUPS
+                   for name, x in getattr(self, group).items()}
+        tensors.update({name: getattr(self, name) for name in _TENSOR_FIELDS
+                        if getattr(self, name) is not None})
+        try:
+            side = json.dumps({"format": RECORD_FORMAT, **{
+                f: getattr(self, f) for f in _JSON_FIELDS}}, allow_nan=True)
+        except TypeError as e:
+            raise TraceError(f"AttentionRecord.save({str(path)!r}): meta must hold JSON values "
+                             f"(numbers, strings, lists, dicts): {e}") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: x.detach().cpu().contiguous().clone() for k, x in tensors.items()},
+                  str(path))
+        _sidecar(path).write_text(side)
+        return path
+
+
+RECORD_FORMAT = "icl-probe-record/1"
+_TENSOR_GROUPS = ("data", "weights")
+_TENSOR_FIELDS = ("kv_head_of", "lengths", "pred", "positions", "pos_mask", "pred_slot",
+                  "key_positions", "key_mask", "logits", "scale")
+_JSON_FIELDS = ("layers", "n_heads", "n_kv_heads", "d_head", "hook_names", "kind", "q_rotated",
+                "meta", "softcap", "window")
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def load_record(path: str | Path, device: str | torch.device = "cpu") -> AttentionRecord:
+    """An :class:`AttentionRecord` written by :meth:`AttentionRecord.save`, on ``device``:
+    tensors from the safetensors file (no pickle, nothing executed), the other fields from
+    its JSON sidecar."""
+    path = Path(path)
+    side = _sidecar(path)
+    missing = [str(p) for p in (path, side) if not p.is_file()]
+    if missing:
+        raise TraceError(f"load_record({str(path)!r}): {' and '.join(missing)} not found; "
+                         "a record is saved as NAME and NAME.json (AttentionRecord.save)")
+    fields = json.loads(side.read_text())
+    if fields.pop("format", None) != RECORD_FORMAT:
+        raise TraceError(f"load_record({str(path)!r}): {side} is not an icl-probe record "
+                         f"sidecar (expected format {RECORD_FORMAT!r})")
+    tensors = load_file(str(path), device=str(device))
+    groups: dict[str, dict[str, torch.Tensor]] = {g: {} for g in _TENSOR_GROUPS}
+    for key, x in tensors.items():
+        group, _, name = key.partition("/")
+        if name:
+            groups[group][name] = x
+    plain = {f: tensors.get(f) for f in _TENSOR_FIELDS}
+    fields["layers"] = tuple(fields["layers"])
+    fields["softcap"], fields["window"] = tuple(fields["softcap"]), tuple(fields["window"])
+    return AttentionRecord(**fields, **groups, **plain)
 
 
 def _widen(x: torch.Tensor) -> torch.Tensor:
