@@ -49,7 +49,7 @@ from .errors import (CacheError, CompareError, ConfigError, DualError, Experimen
                      ProbeError, PromptError, TaskFileError, TraceError)
 from .experiments import Config, load_config
 from .gd import FineTune, FineTuneConfig, FineTunedModel, finetune
-from .hooks import AttentionRecord, load_record, trace
+from .hooks import AttentionRecord, Patch, load_record, patching, trace
 from .models import load_model, tiny_model
 from .probes import ImpliedUpdates, demo_mass, implied_updates, update_trajectory, verify_identities
 from .prompts import PromptPair, build_prompt, build_prompts
@@ -60,12 +60,12 @@ from .version import __version__
 __all__ = [
     # verbs
     "load_model", "tiny_model", "load_task", "load_anchor_dataset", "shipped_tasks",
-    "build_prompt", "build_prompts", "trace", "load_record", "demo_mass", "implied_updates",
-    "verify_identities", "update_trajectory", "finetune", "compare", "load_config",
-    "run_experiment",
+    "build_prompt", "build_prompts", "trace", "load_record", "patching", "demo_mass",
+    "implied_updates", "verify_identities", "update_trajectory", "finetune", "compare",
+    "load_config", "run_experiment",
     # result and configuration types
-    "AttentionRecord", "PromptPair", "Task", "ImpliedUpdates", "FineTune", "FineTunedModel",
-    "FineTuneConfig", "Tables", "Config",
+    "AttentionRecord", "Patch", "PromptPair", "Task", "ImpliedUpdates", "FineTune",
+    "FineTunedModel", "FineTuneConfig", "Tables", "Config",
     # errors
     "IclProbeError", "CacheError", "CompareError", "ConfigError", "DualError",
     "ExperimentError", "FastPathError", "FineTuneError", "ModelLoadError", "PlotError", "ProbeError",
