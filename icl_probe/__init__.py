@@ -43,8 +43,9 @@ Conventions follow TransformerLens: hook names ``blocks.{l}.attn.hook_pattern``,
 (Notation) writes ``q = W_Q r``; docstrings say where the transpose matters.
 """
 
+from .causal import VectorResult, task_vector
 from .compare import Tables, compare
-from .errors import (CacheError, CompareError, ConfigError, DualError, ExperimentError,
+from .errors import (CacheError, CausalError, CompareError, ConfigError, DualError, ExperimentError,
                      FastPathError, FineTuneError, IclProbeError, ModelLoadError, PlotError,
                      ProbeError, PromptError, TaskFileError, TraceError)
 from .experiments import Config, load_config
@@ -60,14 +61,14 @@ from .version import __version__
 __all__ = [
     # verbs
     "load_model", "tiny_model", "load_task", "load_anchor_dataset", "shipped_tasks",
-    "build_prompt", "build_prompts", "trace", "load_record", "patching", "demo_mass",
+    "build_prompt", "build_prompts", "trace", "load_record", "patching", "task_vector", "demo_mass",
     "implied_updates", "verify_identities", "update_trajectory", "finetune", "compare",
     "load_config", "run_experiment",
     # result and configuration types
     "AttentionRecord", "Patch", "PromptPair", "Task", "ImpliedUpdates", "FineTune",
-    "FineTunedModel", "FineTuneConfig", "Tables", "Config",
+    "FineTunedModel", "FineTuneConfig", "Tables", "Config", "VectorResult",
     # errors
-    "IclProbeError", "CacheError", "CompareError", "ConfigError", "DualError",
+    "IclProbeError", "CacheError", "CausalError", "CompareError", "ConfigError", "DualError",
     "ExperimentError", "FastPathError", "FineTuneError", "ModelLoadError", "PlotError", "ProbeError",
     "PromptError", "TaskFileError", "TraceError",
     "__version__",

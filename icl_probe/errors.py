@@ -64,3 +64,7 @@ class FastPathError(IclProbeError):
     """A fast path (shared-prefix trace, answer scoring on a cache) disagrees with the slow
     exact path on the same prompt: the installed stack broke an internal it relies on. The
     message names the versions, the error, and ``fast=False`` / ``ICL_PROBE_FAST=0``."""
+
+
+class CausalError(IclProbeError):
+    """A causal test (task or function vectors, replayed or transferred updates) is malformed."""

@@ -1,0 +1,117 @@
+"""Causal tests (icl_probe.causal) against hand-computed patches on tiny float64 models."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import icl_probe as ip
+from conftest import TINY_LLAMA
+from icl_probe.causal import patched_hits, patched_logits, task_vector
+
+TOL = 1e-12
+
+
+@pytest.fixture(scope="module")
+def yes_no(tmp_path_factory):
+    """A two-label task written here: two candidates per prompt keep scoring fast."""
+    path = tmp_path_factory.mktemp("tasks") / "parity.jsonl"
+    rows = [{"task": "parity", "labels": None,
+             "template": "Input: {x}\nOutput: {y}\n\n"}]
+    rows += [{"x": str(n), "y": "even" if n % 2 == 0 else "odd"} for n in range(24)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ip.tiny_model(dtype=torch.float64, seed=6, **TINY_LLAMA)
+
+
+def _patched_whole(model, ids, at, layer, vec):
+    """One sequence alone, its resid_pre at block ``layer`` replaced at position ``at`` by
+    ``vec`` with a hook written here: the logits at every position."""
+    def put(x, hook=None):
+        x = x.clone()
+        x[0, at] = vec
+        return x
+
+    with torch.inference_mode(), model.hooks(fwd_hooks=[(f"blocks.{layer}.hook_resid_pre",
+                                                         put)]):
+        return model(ids[None])[0]
+
+
+def _resid_at_last(model, ids, layer):
+    seen = []
+    with torch.inference_mode(), model.hooks(fwd_hooks=[(
+            f"blocks.{layer}.hook_resid_pre", lambda x, hook=None: seen.append(x[0, -1]))]):
+        model(ids[None])
+    return seen[0]
+
+
+def test_the_task_vector_is_the_mean_hidden_state_of_the_dummy_prompts(model, yes_no):
+    res = task_vector(model, yes_no, k=3, prompts=3, queries=3, dev_queries=2,
+                      layers=[0, 2], progress=False)
+    train = ip.load_task(yes_no).split("train")
+    for li, l in enumerate([0, 2]):
+        dummy = [ip.build_prompt(model, yes_no, q, 3, seed=i, pool=train)
+                 for i, q in enumerate(train[:3])]
+        by_hand = torch.stack([_resid_at_last(model, p.icl_ids, l) for p in dummy]).mean(0)
+        assert torch.allclose(res.vectors[li].double(), by_hand, rtol=0, atol=1e-6)  # float32
+    assert res.layers == (0, 2) and len(res.per_layer) == 4  # 2 splits x 2 layers
+    dev = res.per_layer[res.per_layer.split == "dev"]
+    assert res.layer == int(dev.layer[dev.accuracy == dev.accuracy.max()].iloc[0])
+    s = res.summary.set_index("hypothesis")
+    assert list(s.index) == ["zero_shot", "icl", "task_vector"] and (s.n == 3).all()
+    test = res.per_layer[(res.per_layer.split == "test") & (res.per_layer.layer == res.layer)]
+    assert s.loc["task_vector", "value"] == test.accuracy.iloc[0]
+    assert (s.ci_low <= s.value).all() and (s.value <= s.ci_high).all()
+
+
+def test_patched_logits_equal_a_hand_written_patch_of_each_prompt_alone(model):
+    pairs = ip.build_prompts(model, "capital", range(5), k=2)
+    vec = torch.randn(model.cfg.d_model, dtype=torch.float64, generator=torch.Generator()
+                      .manual_seed(0))
+    got = patched_logits(model, pairs, ("blocks.1.hook_resid_pre", vec))
+    for b, p in enumerate(pairs):
+        want = _patched_whole(model, p.zs_ids, len(p.zs_ids) - 1, 1, vec)[-1]
+        assert torch.allclose(got[b].double(), want, rtol=0, atol=1e-5), b  # float32 out
+    plain = patched_logits(model, pairs, None)
+    assert (got - plain).abs().max() > 1e-3  # the patch did something
+
+
+def test_answers_scored_whole_run_every_candidate_under_the_patch(model):
+    # the capital task on the byte tokenizer is scored by whole answers: each candidate's
+    # log-probability is summed over its tokens, the prompt patched at its last position
+    pairs = [_few_candidates(p, 6) for p in ip.build_prompts(model, "capital", range(3), k=2)]
+    assert {p.scoring for p in pairs} == {"full_answer"}
+    vec = 3 * torch.randn(model.cfg.d_model, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(1))
+    got = patched_hits(model, pairs, ("blocks.2.hook_resid_pre", vec))
+    for b, p in enumerate(pairs):
+        scores = []
+        for cand in p.candidates:
+            ids = torch.cat([p.zs_ids, torch.tensor(cand)])
+            n = len(p.zs_ids)
+            logp = torch.log_softmax(_patched_whole(model, ids, n - 1, 2, vec), -1)
+            scores.append(sum(float(logp[n - 1 + j, t]) for j, t in enumerate(cand)))
+        assert got[b] == float(max(range(len(scores)), key=scores.__getitem__) == p.target), b
+
+
+def _few_candidates(pair, n):
+    """``pair`` with its gold answer and n - 1 others as the only candidates (fewer forwards)."""
+    keep = sorted({pair.target, *range(n - 1)})[:n]
+    return dataclasses.replace(pair, candidates=tuple(pair.candidates[i] for i in keep),
+                               labels=tuple(pair.labels[i] for i in keep),
+                               label_ids=pair.label_ids[keep], target=keep.index(pair.target))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(k=0), r"k=0: expected an integer >= 1"),
+    (dict(prompts=10_000), r"train items; prompts=10000"),
+    (dict(layers=[7]), r"layer 7 is out of range"),
+])
+def test_task_vector_names_a_bad_request(model, kwargs, match):
+    with pytest.raises(ip.CausalError, match=match):
+        task_vector(model, "capital", **kwargs)
