@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,23 +43,27 @@ def _patched_whole(model, ids, at, layer, vec):
         return model(ids[None])[0]
 
 
-def _resid_at_last(model, ids, layer):
+def _hidden_at_last(model, ids, layer):
+    """The hidden state leaving block ``layer`` at the last position of one prompt alone."""
     seen = []
     with torch.inference_mode(), model.hooks(fwd_hooks=[(
-            f"blocks.{layer}.hook_resid_pre", lambda x, hook=None: seen.append(x[0, -1]))]):
+            f"blocks.{layer}.hook_resid_post", lambda x, hook=None: seen.append(x[0, -1]))]):
         model(ids[None])
     return seen[0]
 
 
-def test_the_task_vector_is_the_mean_hidden_state_of_the_dummy_prompts(model, yes_no):
-    res = task_vector(model, yes_no, k=3, prompts=3, queries=3, dev_queries=2,
+def test_each_querys_task_vector_is_the_mean_hidden_state_of_its_dummy_prompts(model, yes_no):
+    res = task_vector(model, yes_no, k=3, dummies=2, queries=3, dev_queries=2,
                       layers=[0, 2], progress=False)
-    train = ip.load_task(yes_no).split("train")
-    for li, l in enumerate([0, 2]):
-        dummy = [ip.build_prompt(model, yes_no, q, 3, seed=i, pool=train)
-                 for i, q in enumerate(train[:3])]
-        by_hand = torch.stack([_resid_at_last(model, p.icl_ids, l) for p in dummy]).mean(0)
-        assert torch.allclose(res.vectors[li].double(), by_hand, rtol=0, atol=1e-6)  # float32
+    task = ip.load_task(yes_no)
+    train = task.split("train")
+    for b, q in enumerate(task.split("test")[:3]):
+        pair = ip.build_prompt(model, task, q, 3, seed=q, pool=train)
+        pool = [i for i in train if i not in pair.demos]  # the documented dummy-query rule
+        dummies = np.random.default_rng([0, q]).choice(pool, size=2, replace=False).tolist()
+        by_hand = torch.stack([_hidden_at_last(model, ip.build_prompt(
+            model, task, d, demos=list(pair.demos)).icl_ids, res.layer) for d in dummies]).mean(0)
+        assert torch.allclose(res.vectors[b].double(), by_hand, rtol=0, atol=1e-6)  # float32
     assert res.layers == (0, 2) and len(res.per_layer) == 4  # 2 splits x 2 layers
     dev = res.per_layer[res.per_layer.split == "dev"]
     assert res.layer == int(dev.layer[dev.accuracy == dev.accuracy.max()].iloc[0])
@@ -67,13 +72,17 @@ def test_the_task_vector_is_the_mean_hidden_state_of_the_dummy_prompts(model, ye
     test = res.per_layer[(res.per_layer.split == "test") & (res.per_layer.layer == res.layer)]
     assert s.loc["task_vector", "value"] == test.accuracy.iloc[0]
     assert (s.ci_low <= s.value).all() and (s.value <= s.ci_high).all()
+    shared = task_vector(model, yes_no, k=3, dummies=2, queries=3, dev_queries=2,
+                         layers=[res.layer], shared=True, progress=False)
+    assert torch.allclose(shared.vectors, res.vectors.mean(0, keepdim=True).expand(3, -1),
+                          rtol=0, atol=1e-6)
 
 
 def test_patched_logits_equal_a_hand_written_patch_of_each_prompt_alone(model):
     pairs = ip.build_prompts(model, "capital", range(5), k=2)
     vec = torch.randn(model.cfg.d_model, dtype=torch.float64, generator=torch.Generator()
                       .manual_seed(0))
-    got = patched_logits(model, pairs, ("blocks.1.hook_resid_pre", vec))
+    got = patched_logits(model, pairs, ("blocks.1.hook_resid_pre", vec.expand(5, -1)))
     for b, p in enumerate(pairs):
         want = _patched_whole(model, p.zs_ids, len(p.zs_ids) - 1, 1, vec)[-1]
         assert torch.allclose(got[b].double(), want, rtol=0, atol=1e-5), b  # float32 out
@@ -88,7 +97,7 @@ def test_answers_scored_whole_run_every_candidate_under_the_patch(model):
     assert {p.scoring for p in pairs} == {"full_answer"}
     vec = 3 * torch.randn(model.cfg.d_model, dtype=torch.float64,
                           generator=torch.Generator().manual_seed(1))
-    got = patched_hits(model, pairs, ("blocks.2.hook_resid_pre", vec))
+    got = patched_hits(model, pairs, ("blocks.2.hook_resid_pre", vec.expand(3, -1)))
     for b, p in enumerate(pairs):
         scores = []
         for cand in p.candidates:
@@ -109,7 +118,7 @@ def _few_candidates(pair, n):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(k=0), r"k=0: expected an integer >= 1"),
-    (dict(prompts=10_000), r"train items; prompts=10000"),
+    (dict(dummies=10_000), r"train items; k=5 demonstrations and dummies=10000"),
     (dict(layers=[7]), r"layer 7 is out of range"),
 ])
 def test_task_vector_names_a_bad_request(model, kwargs, match):

@@ -1,11 +1,15 @@
 """Task vectors (Hendel, Geva and Globerson 2023): ICL compressed into one hidden state.
 
-The hidden state entering block L (``hook_resid_pre``) at the prediction position of ICL
-prompts, averaged over several prompts (each with its own demonstrations and a dummy query
-from the demonstration pool), replaces the same hidden state of zero-shot prompts of new
-queries. If the context acts as one vector, the patched zero-shot forward answers as ICL does.
-The layer is chosen on dev queries; the test queries report its accuracy beside zero-shot and
-ICL, with 95 % intervals.
+Each query's own demonstrations, followed by a dummy query from the demonstration pool, run
+as an ICL prompt; the hidden state leaving block L at the prediction position, averaged over
+``dummies`` dummy queries, is that query's task vector. It replaces the same hidden state of
+the query's zero-shot prompt, at its prediction position. If the demonstrations act through
+that one vector, the patched zero-shot forward answers as ICL with those demonstrations does.
+The layer is chosen on dev queries; the test queries report its accuracy beside zero-shot
+and ICL (the same demonstrations), with 95 % intervals. This follows the authors' code
+(roeehendel/icl_task_vectors, single-context task hiddens: one vector per test prompt, two
+dummy queries); ``shared=True`` instead uses one vector for every query, the mean over all
+of a split's dummy prompts.
 """
 
 from __future__ import annotations
@@ -19,61 +23,58 @@ import torch
 from tqdm.auto import tqdm
 
 from ..compare.stats import bootstrap_ci
-from ..errors import CausalError
-from ..hooks import Patch, patching, predictions, resolve_layers, trace
+from ..errors import CausalError, TraceError
+from ..hooks import Patch, patching, predictions, resolve_layers
 from ..prompts import PromptPair, build_prompt
 from ..tasks import load_task
 
-BATCH = 32  # zero-shot prompts per patched forward
+BATCH = 32  # prompts per forward
+HIDDEN = "blocks.{l}.hook_resid_post"  # the hidden state leaving block l
 
 
 @dataclass
 class VectorResult:
-    """``vectors`` (layer d_model, float32, on the CPU): one per layer tried; ``per_layer``:
-    accuracy per split and layer; ``layer``: the one chosen on the dev queries; ``summary``:
-    test accuracy of zero-shot, ICL and the vector at ``layer``, with intervals."""
+    """``per_layer``: accuracy per split and layer; ``layer``: the one chosen on the dev
+    queries; ``summary``: test accuracy of zero-shot, ICL and the vector at ``layer``, with
+    intervals; ``vectors``: the test queries' vectors at ``layer`` (query d_model, float32)."""
 
     method: str
-    vectors: torch.Tensor
     layers: tuple[int, ...]
     per_layer: pd.DataFrame
     layer: int
     summary: pd.DataFrame
+    vectors: torch.Tensor
 
 
-def task_vector(model: Any, task: Any, *, k: int = 5, prompts: int = 8, queries: int = 32,
+def task_vector(model: Any, task: Any, *, k: int = 5, dummies: int = 2, queries: int = 32,
                 dev_queries: int = 16, layers: Sequence[int] | None = None, seed: int = 0,
-                progress: bool | None = None) -> VectorResult:
-    """Hendel et al.'s task vector of ``task`` at every layer in ``layers`` (default all):
-    the mean of ``resid_pre`` at the prediction position over ``prompts`` ICL prompts of ``k``
-    demonstrations, each with a dummy query from the train split; patched into the zero-shot
-    prompts of ``dev_queries`` dev queries (which choose the layer) and ``queries`` test
-    queries."""
+                shared: bool = False, progress: bool | None = None) -> VectorResult:
+    """Hendel et al.'s task vectors of ``task`` at every block in ``layers`` (default all),
+    from ``k`` demonstrations per query (the train split, seeded by ``seed`` + query) and
+    ``dummies`` dummy queries each; ``dev_queries`` dev queries choose the block, ``queries``
+    test queries report it."""
     task = load_task(task)
-    _check_counts(k=k, prompts=prompts, queries=queries, dev_queries=dev_queries)
+    _check_counts(k=k, dummies=dummies, queries=queries, dev_queries=dev_queries)
     layer_list = resolve_layers(layers, model.cfg.n_layers, "task_vector", CausalError)
     train = task.split("train")
-    if len(train) < prompts or len(train) <= k:
+    if len(train) < k + dummies:
         raise CausalError(f"task_vector: task {task.name!r} has {len(train)} train items; "
-                          f"prompts={prompts} dummy queries and k={k} demonstrations need more")
-    dummy = [build_prompt(model, task, q, k, seed=seed + i, pool=train)
-             for i, q in enumerate(train[:prompts])]
-    rec = trace(model, dummy, what=("resid_pre",), layers=layer_list, weights=False)
-    vectors = rec.at_pred("resid_pre").mean(1).float().cpu()  # layer d_model
-    splits = {"dev": task.split("dev")[:dev_queries], "test": task.split("test")[:queries]}
-    rows, hits = [], {}
+                          f"k={k} demonstrations and dummies={dummies} dummy queries need more")
+    rows, hits, kept = [], {}, {}
     bar = tqdm(total=2 * len(layer_list), desc=f"task vector {task.name}", unit="layer",
                disable=not (progress or progress is None and len(layer_list) > 8))
-    for split, qs in splits.items():
+    for split, qs in (("dev", task.split("dev")[:dev_queries]),
+                      ("test", task.split("test")[:queries])):
         pairs = [build_prompt(model, task, q, k, seed=seed + q, pool=train) for q in qs]
+        vecs = _vectors(model, task, pairs, train, dummies, layer_list, seed, shared)
         hits[(split, "zero_shot")] = patched_hits(model, pairs, None)
         hits[(split, "icl")] = patched_hits(model, pairs, None, kind="icl")
         for li, l in enumerate(layer_list):
-            hits[(split, l)] = patched_hits(model, pairs, (f"blocks.{l}.hook_resid_pre",
-                                                           vectors[li]))
+            hits[(split, l)] = patched_hits(model, pairs, (HIDDEN.format(l=l), vecs[:, li]))
             rows.append({"split": split, "layer": l, "accuracy": hits[(split, l)].mean(),
                          "n": len(pairs)})
             bar.update()
+        kept[split] = vecs
     bar.close()
     per_layer = pd.DataFrame(rows)
     dev = per_layer[per_layer.split == "dev"]
@@ -82,14 +83,50 @@ def task_vector(model: Any, task: Any, *, k: int = 5, prompts: int = 8, queries:
                                         "icl": hits[("test", "icl")],
                                         "task_vector": hits[("test", best)]}, seed)
     summary["layer"] = [None, None, best]
-    return VectorResult("task_vector", vectors, layer_list, per_layer, best, summary)
+    return VectorResult("task_vector", layer_list, per_layer, best, summary,
+                        kept["test"][:, layer_list.index(best)].float().cpu())
 
 
-def patched_hits(model: Any, pairs: Sequence[PromptPair], patch: tuple[str, torch.Tensor] | None,
-                 kind: str = "zs") -> np.ndarray:
-    """Whether each prompt's prediction is its gold answer, with ``patch`` (a hook name and a
-    vector) replacing that hook's value at each prompt's prediction position (None: as is).
-    Answers scored whole run each candidate whole under the same patch."""
+def _vectors(model: Any, task: Any, pairs: list[PromptPair], train: Sequence[int],
+             dummies: int, layers: Sequence[int], seed: int, shared: bool) -> torch.Tensor:
+    """Per query (query layer d_model): the mean hidden state leaving each block at the
+    prediction position of its demonstrations followed by each of ``dummies`` dummy queries
+    (train items, not among its demonstrations); ``shared``: the mean over every query's."""
+    dummy_pairs = []
+    for p in pairs:
+        rng = np.random.default_rng([seed, p.query])
+        pool = [i for i in train if i not in p.demos]
+        for q in rng.choice(pool, size=dummies, replace=False).tolist():
+            dummy_pairs.append(build_prompt(model, task, q, demos=list(p.demos)))
+    h = hidden_at_pred(model, dummy_pairs, layers, "icl")  # query*dummies layer d_model
+    h = h.view(len(pairs), dummies, *h.shape[1:]).mean(1)
+    return h.mean(0, keepdim=True).expand_as(h) if shared else h
+
+
+def hidden_at_pred(model: Any, pairs: Sequence[PromptPair], layers: Sequence[int],
+                   kind: str = "icl") -> torch.Tensor:
+    """The hidden state leaving each of ``layers`` at each prompt's prediction position
+    (batch layer d_model), in right-padded batches."""
+    out = []
+    for ids, last in _batches(pairs, kind):
+        seen: dict[int, torch.Tensor] = {}
+        rows = torch.arange(len(last))
+        hooks = [(HIDDEN.format(l=l), lambda x, hook=None, l=l: seen.__setitem__(
+            l, x[rows.to(x.device), last.to(x.device)])) for l in layers]
+        with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
+            model(ids.to(next(model.parameters()).device))
+        if len(seen) != len(layers):
+            raise TraceError(f"hidden_at_pred: {HIDDEN} did not fire on this model")
+        out.append(torch.stack([seen[l] for l in layers], 1))
+    return torch.cat(out)
+
+
+def patched_hits(model: Any, pairs: Sequence[PromptPair],
+                 patch: tuple[str, torch.Tensor] | None, kind: str = "zs") -> np.ndarray:
+    """Whether each prompt's prediction is its gold answer, with ``patch`` (a hook name and
+    one vector per prompt, batch d_model) replacing that hook's value at each prompt's
+    prediction position (None: as is). Answers scored whole run each candidate whole under
+    the same patch."""
     logits = patched_logits(model, pairs, patch, kind)
     if patch is None:  # nothing patched: answers scored whole on the prompt's cache
         picks = predictions(model, pairs, kind, logits)
@@ -100,29 +137,37 @@ def patched_hits(model: Any, pairs: Sequence[PromptPair], patch: tuple[str, torc
         picks[first] = predictions(model, [pairs[b] for b in first], kind, logits[first])
     for b, p in enumerate(pairs):
         if p.scoring == "full_answer":
-            with patching(model, {patch[0]: Patch(patch[1], positions=[len(p.ids(kind)) - 1])}):
+            at = Patch(patch[1][b], positions=[len(p.ids(kind)) - 1])
+            with patching(model, {patch[0]: at}):
                 picks[b] = predictions(model, [p], kind, logits[b: b + 1], fast=False)[0]
     return (picks.numpy() == np.array([p.target for p in pairs])).astype(float)
 
 
-def patched_logits(model: Any, pairs: Sequence[PromptPair], patch: tuple[str, torch.Tensor] | None,
-                   kind: str = "zs") -> torch.Tensor:
+def patched_logits(model: Any, pairs: Sequence[PromptPair],
+                   patch: tuple[str, torch.Tensor] | None, kind: str = "zs") -> torch.Tensor:
     """The logits at each prompt's prediction position (batch d_vocab, float32 on the CPU),
-    in right-padded batches, ``patch`` applied at that position of every row."""
+    in right-padded batches, ``patch`` (a hook name, one vector per prompt) applied there."""
     device = next(model.parameters()).device
-    out = []
+    out, lo = [], 0
+    for ids, last in _batches(pairs, kind):
+        patches = {} if patch is None else {patch[0]: [
+            Patch(patch[1][lo + r], rows=[r], positions=[int(p)]) for r, p in enumerate(last)]}
+        with torch.inference_mode(), patching(model, patches):
+            logits = model(ids.to(device))
+        out.append(logits[torch.arange(len(last)), last.to(logits.device)].float().cpu())
+        lo += len(last)
+    return torch.cat(out)
+
+
+def _batches(pairs: Sequence[PromptPair], kind: str):
+    """Right-padded batches of the prompts' ids, in order, with each row's last position."""
     for lo in range(0, len(pairs), BATCH):
         ids = [p.ids(kind) for p in pairs[lo: lo + BATCH]]
-        last = [len(x) - 1 for x in ids]
-        batch = torch.zeros(len(ids), max(last) + 1, dtype=torch.long)
+        last = torch.tensor([len(x) - 1 for x in ids])
+        batch = torch.zeros(len(ids), int(last.max()) + 1, dtype=torch.long)
         for r, x in enumerate(ids):
             batch[r, : len(x)] = x
-        patches = {} if patch is None else {patch[0]: [
-            Patch(patch[1], rows=[r], positions=[p]) for r, p in enumerate(last)]}
-        with torch.inference_mode(), patching(model, patches):
-            logits = model(batch.to(device))
-        out.append(logits[torch.arange(len(ids)), torch.tensor(last)].float().cpu())
-    return torch.cat(out)
+        yield batch, last
 
 
 def accuracy_rows(task: str, hits: dict[str, np.ndarray], seed: int) -> pd.DataFrame:
