@@ -108,6 +108,10 @@ def run_units(config: Config, *, model: Any = None, model_name: str | None = Non
         for u in bar:
             bar.set_postfix_str(u.id[:60])
             run.unit(u, unit_hook)
+        # the model, its baseline models and the records kept for reuse go before the report
+        # is built, which reads only the tables on disk (measured: 0.27 GB of its own)
+        del run
+        _free_memory()
         missing = missing_units(out, config, specs)
         if report is not None and not missing:
             print(f"report: {report(config, out).resolve()}")
