@@ -130,16 +130,16 @@ def patched_hits(model: Any, pairs: Sequence[PromptPair],
     logits = patched_logits(model, pairs, patch, kind)
     if patch is None:  # nothing patched: answers scored whole on the prompt's cache
         picks = predictions(model, pairs, kind, logits)
-        return (picks.numpy() == np.array([p.target for p in pairs])).astype(float)
-    picks = torch.empty(len(pairs), dtype=torch.long)
-    first = [b for b, p in enumerate(pairs) if p.scoring != "full_answer"]
-    if first:
-        picks[first] = predictions(model, [pairs[b] for b in first], kind, logits[first])
-    for b, p in enumerate(pairs):
-        if p.scoring == "full_answer":
-            at = Patch(patch[1][b], positions=[len(p.ids(kind)) - 1])
-            with patching(model, {patch[0]: at}):
-                picks[b] = predictions(model, [p], kind, logits[b: b + 1], fast=False)[0]
+    else:
+        picks = torch.empty(len(pairs), dtype=torch.long)
+        first = [b for b, p in enumerate(pairs) if p.scoring != "full_answer"]
+        if first:
+            picks[first] = predictions(model, [pairs[b] for b in first], kind, logits[first])
+        for b, p in enumerate(pairs):
+            if p.scoring == "full_answer":
+                at = Patch(patch[1][b], positions=[len(p.ids(kind)) - 1])
+                with patching(model, {patch[0]: at}):
+                    picks[b] = predictions(model, [p], kind, logits[b: b + 1], fast=False)[0]
     return (picks.numpy() == np.array([p.target for p in pairs])).astype(float)
 
 

@@ -223,8 +223,7 @@ def _kendall_rows(refs: _Refs, b: int, ft: Any, ftr: Any, i: int, cfg: FineTuneC
     q_ft = ftr.at_pred("q")[:, i]  # layer head d_head
     tok = M.kendall_weights(s_demo, q_steps, q_ft, scale=scale)
     ex = tuple(M.per_demonstration(w, demo_lens) for w in tok)  # = level="example"
-    icl_w = torch.softmax(s_demo.double().sum(1), -1)
-    ex_w = torch.stack([torch.stack([w.sum() for w in row.split(demo_lens)]) for row in icl_w])
+    icl_w, ex_w = tok[0], ex[0]  # ICL's token and example weights, as the metric ranks them
     draws = [(_draw(torch.rand, icl_w[li], gen), _draw(torch.rand, ex_w[li], gen))
              for li in range(L)]
     cols = (M.kendall_tau_rows(*tok), M.kendall_tau_rows(icl_w, torch.stack([d[0] for d in draws])),
