@@ -12,7 +12,7 @@ attention): the demonstration prefix once on its KV cache; the suffixes batched 
 cache, unembedding only each prompt's last position; the zero-shot prompts batched the same
 way; k SGD steps on k_proj/v_proj (one per demonstration, Dai's loss tokens); the zero-shot
 batch again through the fine-tuned weights; the weights restored. Before timing it checks that
-its own ICL logits equal full-prompt forwards (to 1e-6 relative).
+its own ICL logits equal full-prompt forwards (in float64, to 1e-9 relative).
 
 Run: ``python benchmarks/bench_compare.py [--queries 24 --k 16 --repeats 3]``. Medians over
 interleaved repeats; the ratio is the median of per-repeat ratios.
@@ -139,13 +139,20 @@ def _prefix_floor(pairs: list, lr: float):
         cache.batch_repeat_interleave(len(pairs))
         return last_logits(suffix, s_mask, s_last, cache, P)
 
-    with torch.inference_mode():  # the floor's own exactness check: full prompts
+    # The floor's own exactness check against full prompts, in float64: in float32 the two
+    # paths differ by kernel rounding that depends on the CPU (below 1e-6 on an AVX2 machine,
+    # 1.4e-6 on an AVX-512 one), which would hide a wrong mask or position below that level.
+    # float32 -> float64 -> float32 gives back the same weights bit for bit.
+    hf.double()
+    with torch.inference_mode():
         full_ids, full_mask, full_last = _padded([p.icl_ids for p in pairs])
         full = last_logits(full_ids, full_mask, full_last)
         fast = icl_logits()
+    hf.float()
     err = float((fast - full).abs().max() / full.abs().max())
-    if not err < 1e-6:
-        raise SystemExit(f"prefix floor: cached ICL logits differ from full prompts by {err:.1e}")
+    if not err < 1e-9:
+        raise SystemExit(f"prefix floor: cached ICL logits differ from full prompts by {err:.1e}"
+                         " (float64)")
 
     def run():
         with torch.inference_mode():

@@ -33,6 +33,12 @@ VALUES = ["value", "ci_low", "ci_high"]
 EXACT = ["n", "n_ft_fixes", "verdict", "selected"]
 # |ours - golden| <= atol + rtol * |golden|, per run
 TOLERANCE = {"tiny": (1e-9, 1e-7), "embedded": (1e-4, 1e-3)}
+# SimAM_delta is the cosine of (FT − ZS) and (ICL − ZS) attention weights; a fine-tune at
+# lr 1e-3 barely moves the first layers' attention, so in float32 their difference is mostly
+# rounding. Between two x86 CPUs (AVX2, AVX-512 + AMX) its layer-0 value moved from 0.006 to
+# 0.019 (its interval's low end by 0.026) and its layer mean by 0.0004 (2026-12-05); the
+# float64 tiny run checks it tightly.
+LOOSE = {("embedded", "SimAM_delta"): (4e-2, 2e-2)}
 
 
 def run_tiny() -> pd.DataFrame:
@@ -73,8 +79,7 @@ def read(name: str) -> pd.DataFrame:
 
 def mismatches(name: str, summary: pd.DataFrame) -> list[str]:
     """Every difference between a fresh summary and the golden file, one line each (empty
-    when they agree within :data:`TOLERANCE`)."""
-    atol, rtol = TOLERANCE[name]
+    when they agree within :data:`TOLERANCE`, or :data:`LOOSE` for its metrics)."""
     new, old = tidy(summary), read(name)
     merged = old.merge(new, on=KEYS, how="outer", suffixes=("_golden", "_now"), indicator=True)
     out = []
@@ -82,10 +87,11 @@ def mismatches(name: str, summary: pd.DataFrame) -> list[str]:
         where = "only in the golden file" if r._merge == "left_only" else "new in this run"
         out.append(f"{dict(r[KEYS])}: {where}")
     both = merged[merged._merge == "both"]
+    atol, rtol = np.array([LOOSE.get((name, m), TOLERANCE[name]) for m in both.metric]).T
     for c in VALUES:
         a, b = both[f"{c}_golden"].to_numpy(float), both[f"{c}_now"].to_numpy(float)
         same_nan = np.isnan(a) & np.isnan(b)
-        close = np.isclose(b, a, rtol=rtol, atol=atol) | same_nan
+        close = (np.abs(b - a) <= atol + rtol * np.abs(a)) | same_nan
         for i in np.flatnonzero(~close):
             r = both.iloc[i]
             out.append(f"{r.metric} ({r.run}, baseline {r.baseline or '-'}, layer {r.layer}) "
