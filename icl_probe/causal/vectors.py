@@ -27,6 +27,7 @@ from ..errors import CausalError, TraceError
 from ..hooks import Patch, patching, predictions, resolve_layers
 from ..prompts import PromptPair, build_prompt
 from ..tasks import load_task
+from .patches import wide
 
 BATCH = 32  # prompts per forward
 HIDDEN = "blocks.{l}.hook_resid_post"  # the hidden state leaving block l
@@ -145,7 +146,8 @@ def patched_hits(model: Any, pairs: Sequence[PromptPair],
 
 def patched_logits(model: Any, pairs: Sequence[PromptPair],
                    patch: tuple[str, torch.Tensor] | None, kind: str = "zs") -> torch.Tensor:
-    """The logits at each prompt's prediction position (batch d_vocab, float32 on the CPU),
+    """The logits at each prompt's prediction position (batch d_vocab, on the CPU; float32, or
+    float64 for a float64 model),
     in right-padded batches, ``patch`` (a hook name, one vector per prompt) applied there."""
     device = next(model.parameters()).device
     out, lo = [], 0
@@ -154,7 +156,7 @@ def patched_logits(model: Any, pairs: Sequence[PromptPair],
             Patch(patch[1][lo + r], rows=[r], positions=[int(p)]) for r, p in enumerate(last)]}
         with torch.inference_mode(), patching(model, patches):
             logits = model(ids.to(device))
-        out.append(logits[torch.arange(len(last)), last.to(logits.device)].float().cpu())
+        out.append(logits[torch.arange(len(last)), last.to(logits.device)].to(wide(logits.dtype)).cpu())
         lo += len(last)
     return torch.cat(out)
 
