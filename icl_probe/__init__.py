@@ -43,7 +43,7 @@ Conventions follow TransformerLens: hook names ``blocks.{l}.attn.hook_pattern``,
 (Notation) writes ``q = W_Q r``; docstrings say where the transpose matters.
 """
 
-from .causal import ReplayResult, VectorResult, replay, task_vector, transfer
+from .causal import ReplayResult, VectorResult, function_vector, replay, task_vector, transfer
 from .compare import Tables, compare
 from .errors import (CacheError, CausalError, CompareError, ConfigError, DualError, ExperimentError,
                      FastPathError, FineTuneError, IclProbeError, ModelLoadError, PlotError,
@@ -61,10 +61,10 @@ from .version import __version__
 __all__ = [
     # verbs
     "load_model", "tiny_model", "load_task", "load_anchor_dataset", "shipped_tasks",
-    "build_prompt", "build_prompts", "trace", "load_record", "patching", "task_vector", "replay",
-    "transfer", "demo_mass", "implied_updates", "verify_identities", "update_trajectory",
-    "finetune", "compare",
-    "load_config", "run_experiment",
+    "build_prompt", "build_prompts", "trace", "load_record", "patching", "task_vector",
+    "function_vector", "replay", "transfer", "demo_mass", "implied_updates",
+    "verify_identities", "update_trajectory", "finetune", "compare", "load_config",
+    "run_experiment",
     # result and configuration types
     "AttentionRecord", "Patch", "PromptPair", "Task", "ImpliedUpdates", "FineTune",
     "FineTunedModel", "FineTuneConfig", "Tables", "Config", "VectorResult", "ReplayResult",

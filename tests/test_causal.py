@@ -124,3 +124,81 @@ def _few_candidates(pair, n):
 def test_task_vector_names_a_bad_request(model, kwargs, match):
     with pytest.raises(ip.CausalError, match=match):
         task_vector(model, "capital", **kwargs)
+
+
+# ------------------------------------------------------------------------- function vectors
+
+
+@pytest.fixture(scope="module")
+def first_byte(tmp_path_factory):
+    """Parity without a space before the answer: the answers' first bytes differ, so the
+    probability of the correct answer's first token is the probability of the answer."""
+    path = tmp_path_factory.mktemp("tasks") / "parity_fb.jsonl"
+    rows = [{"task": "parity_fb", "labels": None, "template": "Input: {x}\nOutput:{y}\n\n"}]
+    rows += [{"x": str(n), "y": "even" if n % 2 == 0 else "odd"} for n in range(30)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def test_function_vector_against_hand_computed_heads_and_patch(model, first_byte):
+    res = ip.function_vector(model, first_byte, k=3, prompts=4, heads=3, queries=5,
+                             dev_queries=3, progress=False)
+    task = ip.load_task(first_byte)
+    train = task.split("train")
+    L, d_head = model.cfg.n_layers, model.cfg.d_head
+    clean = [ip.build_prompt(model, task, q, 3, seed=q, pool=train) for q in train[-4:]]
+
+    def z_at_last(ids):  # every layer's z at the last position, one sequence alone
+        got = {}
+        hooks = [(f"blocks.{l}.attn.hook_z",
+                  lambda x, hook=None, l=l: got.__setitem__(l, x[0, -1].clone()))
+                 for l in range(L)]
+        with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
+            model(ids[None])
+        return torch.stack([got[l] for l in range(L)])
+
+    mean_z = torch.stack([z_at_last(p.icl_ids) for p in clean]).mean(0)  # layer head d_head
+    chosen = res.heads[res.heads.chosen]
+    assert len(chosen) == 3 and chosen.effect.min() >= res.heads[~res.heads.chosen].effect.max()
+    fv = torch.zeros(model.cfg.d_model, dtype=torch.float64)
+    for l, h in zip(chosen["layer"], chosen["head"]):  # W_O read off the o_proj weight
+        W = model.blocks[l].attn.o.original_component.weight.detach()
+        fv += W[:, h * d_head: (h + 1) * d_head] @ mean_z[l, h]
+    assert float((res.vectors[0].double() - fv).abs().max() / fv.abs().max()) < 1e-6
+
+    # one head's effect: its z replaced by hand in each corrupted prompt, alone
+    l, h = int(chosen["layer"].iloc[0]), int(chosen["head"].iloc[0])
+    rise = []
+    for p in clean:
+        bad = ip.build_prompt(model, task, p.query, demos=list(p.demos), seed=p.query,
+                              shuffle_labels=True)
+        gold = int(bad.label_ids[bad.target])
+
+        def put(x, hook=None):
+            x = x.clone()
+            x[0, -1, h] = mean_z[l, h]
+            return x
+
+        with torch.inference_mode():
+            before = model(bad.icl_ids[None])[0, -1].double().softmax(-1)[gold]
+            with model.hooks(fwd_hooks=[(f"blocks.{l}.attn.hook_z", put)]):
+                after = model(bad.icl_ids[None])[0, -1].double().softmax(-1)[gold]
+        rise.append(float(after - before))
+    assert abs(np.mean(rise) - chosen.effect.iloc[0]) < 1e-6
+
+    # the patch at the chosen layer: fv added by hand at each zero-shot prompt's last position
+    pairs = [ip.build_prompt(model, task, q, 3, seed=q, pool=train)
+             for q in task.split("test")[:5]]
+    hand = []
+    for p in pairs:
+        def add(x, hook=None):
+            x = x.clone()
+            x[0, -1] += fv
+            return x
+
+        with torch.inference_mode(), model.hooks(fwd_hooks=[
+                (f"blocks.{res.layer}.hook_resid_post", add)]):
+            logits = model(p.zs_ids[None])[0, -1]
+        hand.append(int(logits[p.label_ids].argmax()) == p.target)
+    got = res.summary.set_index("hypothesis").value["function_vector"]
+    assert got == np.mean(hand)

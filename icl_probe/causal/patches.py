@@ -41,7 +41,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..errors import CausalError
+from ..errors import CausalError, TraceError
 from ..probes import implied_updates
 from ..probes.mlp import _mlp_weight, mlp_first_layers
 from ..prompts import PromptPair
@@ -147,6 +147,8 @@ def at_pred(model: Any, pairs: Sequence[PromptPair], layers: Sequence[int], hook
         hooks = [(hook.format(l=l), _bind(keep, l=l)) for l in layers]
         with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
             model(ids.to(_device(model)))
+        if len(seen) != len(layers):
+            raise TraceError(f"{hook} did not fire on this model")
         out.append(torch.stack([seen[l] for l in layers]))
     return torch.cat(out, 1)
 

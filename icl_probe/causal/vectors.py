@@ -23,11 +23,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..compare.stats import bootstrap_ci
-from ..errors import CausalError, TraceError
+from ..errors import CausalError
 from ..hooks import Patch, patching, predictions, resolve_layers
 from ..prompts import PromptPair, build_prompt
 from ..tasks import load_task
-from .patches import wide
+from .patches import at_pred, batches, wide
 
 BATCH = 32  # prompts per forward
 HIDDEN = "blocks.{l}.hook_resid_post"  # the hidden state leaving block l
@@ -37,7 +37,8 @@ HIDDEN = "blocks.{l}.hook_resid_post"  # the hidden state leaving block l
 class VectorResult:
     """``per_layer``: accuracy per split and layer; ``layer``: the one chosen on the dev
     queries; ``summary``: test accuracy of zero-shot, ICL and the vector at ``layer``, with
-    intervals; ``vectors``: the test queries' vectors at ``layer`` (query d_model, float32)."""
+    intervals; ``vectors``: the test queries' vectors at ``layer`` (query d_model, float32; one
+    row for a function vector); ``heads``: a function vector's heads, with their effects."""
 
     method: str
     layers: tuple[int, ...]
@@ -45,6 +46,7 @@ class VectorResult:
     layer: int
     summary: pd.DataFrame
     vectors: torch.Tensor
+    heads: pd.DataFrame | None = None
 
 
 def task_vector(model: Any, task: Any, *, k: int = 5, dummies: int = 2, queries: int = 32,
@@ -108,27 +110,17 @@ def hidden_at_pred(model: Any, pairs: Sequence[PromptPair], layers: Sequence[int
                    kind: str = "icl") -> torch.Tensor:
     """The hidden state leaving each of ``layers`` at each prompt's prediction position
     (batch layer d_model), in right-padded batches."""
-    out = []
-    for ids, last in _batches(pairs, kind):
-        seen: dict[int, torch.Tensor] = {}
-        rows = torch.arange(len(last))
-        hooks = [(HIDDEN.format(l=l), lambda x, hook=None, l=l: seen.__setitem__(
-            l, x[rows.to(x.device), last.to(x.device)])) for l in layers]
-        with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
-            model(ids.to(next(model.parameters()).device))
-        if len(seen) != len(layers):
-            raise TraceError(f"hidden_at_pred: {HIDDEN} did not fire on this model")
-        out.append(torch.stack([seen[l] for l in layers], 1))
-    return torch.cat(out)
+    return at_pred(model, pairs, layers, HIDDEN, kind).transpose(0, 1)
 
 
 def patched_hits(model: Any, pairs: Sequence[PromptPair],
-                 patch: tuple[str, torch.Tensor] | None, kind: str = "zs") -> np.ndarray:
+                 patch: tuple[str, torch.Tensor] | None, kind: str = "zs",
+                 mode: str = "replace") -> np.ndarray:
     """Whether each prompt's prediction is its gold answer, with ``patch`` (a hook name and
     one vector per prompt, batch d_model) replacing that hook's value at each prompt's
-    prediction position (None: as is). Answers scored whole run each candidate whole under
-    the same patch."""
-    logits = patched_logits(model, pairs, patch, kind)
+    prediction position (None: as is; ``mode="add"``: added to it). Answers scored whole run
+    each candidate whole under the same patch."""
+    logits = patched_logits(model, pairs, patch, kind, mode)
     if patch is None:  # nothing patched: answers scored whole on the prompt's cache
         picks = predictions(model, pairs, kind, logits)
     else:
@@ -138,38 +130,30 @@ def patched_hits(model: Any, pairs: Sequence[PromptPair],
             picks[first] = predictions(model, [pairs[b] for b in first], kind, logits[first])
         for b, p in enumerate(pairs):
             if p.scoring == "full_answer":
-                at = Patch(patch[1][b], positions=[len(p.ids(kind)) - 1])
+                at = Patch(patch[1][b], positions=[len(p.ids(kind)) - 1], mode=mode)
                 with patching(model, {patch[0]: at}):
                     picks[b] = predictions(model, [p], kind, logits[b: b + 1], fast=False)[0]
     return (picks.numpy() == np.array([p.target for p in pairs])).astype(float)
 
 
 def patched_logits(model: Any, pairs: Sequence[PromptPair],
-                   patch: tuple[str, torch.Tensor] | None, kind: str = "zs") -> torch.Tensor:
+                   patch: tuple[str, torch.Tensor] | None, kind: str = "zs",
+                   mode: str = "replace") -> torch.Tensor:
     """The logits at each prompt's prediction position (batch d_vocab, on the CPU; float32, or
-    float64 for a float64 model),
-    in right-padded batches, ``patch`` (a hook name, one vector per prompt) applied there."""
+    float64 for a float64 model), in right-padded batches, ``patch`` (a hook name, one vector
+    per prompt) applied there."""
     device = next(model.parameters()).device
     out, lo = [], 0
-    for ids, last in _batches(pairs, kind):
+    for ids, last in batches(pairs, kind, BATCH):
         patches = {} if patch is None else {patch[0]: [
-            Patch(patch[1][lo + r], rows=[r], positions=[int(p)]) for r, p in enumerate(last)]}
+            Patch(patch[1][lo + r], rows=[r], positions=[int(p)], mode=mode)
+            for r, p in enumerate(last)]}
         with torch.inference_mode(), patching(model, patches):
             logits = model(ids.to(device))
-        out.append(logits[torch.arange(len(last)), last.to(logits.device)].to(wide(logits.dtype)).cpu())
+        at_p = logits[torch.arange(len(last)), last.to(logits.device)]
+        out.append(at_p.to(wide(logits.dtype)).cpu())
         lo += len(last)
     return torch.cat(out)
-
-
-def _batches(pairs: Sequence[PromptPair], kind: str):
-    """Right-padded batches of the prompts' ids, in order, with each row's last position."""
-    for lo in range(0, len(pairs), BATCH):
-        ids = [p.ids(kind) for p in pairs[lo: lo + BATCH]]
-        last = torch.tensor([len(x) - 1 for x in ids])
-        batch = torch.zeros(len(ids), int(last.max()) + 1, dtype=torch.long)
-        for r, x in enumerate(ids):
-            batch[r, : len(x)] = x
-        yield batch, last
 
 
 def accuracy_rows(task: str, hits: dict[str, np.ndarray], seed: int) -> pd.DataFrame:
