@@ -19,6 +19,7 @@ from .experiments import (EXPERIMENTS_DIR, check_inputs, finished_units, load_co
 from .experiments.plan import plan
 from .experiments.settings import parse_time
 from .models import Placement, load_model
+from .models.heap import return_freed_memory
 from .probes import inspect_pair, inspect_text, mass_heatmap, text_heatmap
 from .prompts import build_prompt
 from .report import rebuild_report
@@ -307,6 +308,7 @@ def _print_tasks(rows: list[dict], as_json: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return_freed_memory()  # before any tensor: a lower peak RSS (icl_probe.models.heap)
     args = _parser().parse_args(argv)
     commands = {"inspect": _inspect, "run": _run, "report": _report, "plan": _plan,
                 "doctor": _doctor}

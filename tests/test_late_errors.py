@@ -48,6 +48,13 @@ def _one_item_task(tmp_path):
     ("real_heads", dict(tasks=["capital"], prompts=1000), ["prompts", "1000"]),
     ("implied_updates", dict(tasks=["capital"], prompts=2, verify_prompts=3),
      ["verify_prompts"]),
+    ("causal", dict(queries=1000), ["[causal] queries", "test split"]),
+    ("causal", dict(fv_prompts=1000), ["[causal] fv_prompts", "train split"]),
+    ("causal", dict(tests=["replay", "vectors"]), ["tests[1]", "'vectors'"]),
+    ("causal", dict(updates=["sgd"]), ["updates[0]", "'sgd'", "'exact'"]),
+    ("causal", dict(baselines=["noise"]), ["baselines[0]", "'random'"]),
+    ("causal", dict(tasks=["capital"]), ["'capital'", "open-ended", "first token"]),
+    ("causal", dict(tests=["replay", "replay"]), ["names a test twice"]),
 ])
 def test_late_errors_come_before_any_weight_loads(section, settings, words, no_model_loads,
                                                   tmp_path):

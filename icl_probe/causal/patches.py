@@ -119,9 +119,9 @@ def check_replayable(model: Any, updates: str) -> None:
 
 def icl_targets(model: Any, pairs: Sequence[PromptPair], layers: Sequence[int],
                 updates: str) -> Targets:
-    """One ICL forward (two for ``dual``: its implied updates are traced) of ``pairs``."""
-    u_c = at_pred(model, pairs, layers, _HOOKS["mlp_in"], "icl")
-    y_c = at_pred(model, pairs, layers, _HOOKS["resid_post"], "icl")
+    """One ICL forward of ``pairs`` (and, for ``dual``, the traced one of its implied
+    updates)."""
+    u_c, y_c = at_pred(model, pairs, layers, (_HOOKS["mlp_in"], _HOOKS["resid_post"]), "icl")
     t = Targets(tuple(layers), u_c, y_c)
     if updates == "dual":
         up = implied_updates(model, list(pairs), layers=layers)
@@ -132,25 +132,30 @@ def icl_targets(model: Any, pairs: Sequence[PromptPair], layers: Sequence[int],
     return t
 
 
-def at_pred(model: Any, pairs: Sequence[PromptPair], layers: Sequence[int], hook: str,
-            kind: str) -> torch.Tensor:
+def at_pred(model: Any, pairs: Sequence[PromptPair], layers: Sequence[int],
+            hook: str | Sequence[str], kind: str) -> Any:
     """The value of ``hook`` (a template in ``l``) at each prompt's prediction position, per
-    layer: (layer batch ...), in right-padded batches."""
-    out = []
+    layer: (layer batch ...), in right-padded batches; several templates: a tuple, one
+    forward."""
+    names = (hook,) if isinstance(hook, str) else tuple(hook)
+    out: list[list[torch.Tensor]] = [[] for _ in names]
     for ids, last in batches(pairs, kind):
-        seen: dict[int, torch.Tensor] = {}
+        seen: dict[tuple[int, int], torch.Tensor] = {}
         rows = torch.arange(len(last))
 
-        def keep(x, hook=None, l=0):
-            seen[l] = x[rows.to(x.device), last.to(x.device)].detach().clone()
+        def keep(x, hook=None, key=(0, 0)):
+            seen[key] = x[rows.to(x.device), last.to(x.device)].detach().clone()
 
-        hooks = [(hook.format(l=l), _bind(keep, l=l)) for l in layers]
+        hooks = [(name.format(l=l), _bind(keep, key=(i, l)))
+                 for i, name in enumerate(names) for l in layers]
         with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
             model(ids.to(_device(model)))
-        if len(seen) != len(layers):
-            raise TraceError(f"{hook} did not fire on this model")
-        out.append(torch.stack([seen[l] for l in layers]))
-    return torch.cat(out, 1)
+        for i, name in enumerate(names):
+            if any((i, l) not in seen for l in layers):
+                raise TraceError(f"{name} did not fire on this model")
+            out[i].append(torch.stack([seen[(i, l)] for l in layers]))
+    got = tuple(torch.cat(o, 1) for o in out)
+    return got[0] if isinstance(hook, str) else got
 
 
 def replay_logits(model: Any, pairs: Sequence[PromptPair], patched: Sequence[int],

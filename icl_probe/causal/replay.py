@@ -91,10 +91,16 @@ def replay(model: Any, pairs: Sequence[PromptPair], *, updates: Sequence[str] = 
     rows = []
     bar = tqdm(total=len(updates) * len(subsets) * (1 + len(baselines)), unit="replay",
                desc="replay", disable=not (progress or progress is None and len(pairs) > 8))
+    sources = {"": pairs, "shuffled_labels": shuffled}
+    cache: dict[tuple[str, bool], Any] = {}  # exact and mlp read the same targets
     for u in updates:
-        tg = {"": icl_targets(model, pairs, all_layers, u)}
-        if shuffled is not None:
-            tg["shuffled_labels"] = icl_targets(model, shuffled, all_layers, u)
+        tg = {}
+        for which, src in sources.items():
+            if src is not None:
+                key = (which, u == "dual")
+                if key not in cache:
+                    cache[key] = icl_targets(model, src, all_layers, u)
+                tg[which] = cache[key]
         for name, ls in subsets.items():
             for base in ("",) + tuple(baselines):
                 gen = torch.Generator().manual_seed(seed) if base == "random" else None

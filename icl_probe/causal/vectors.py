@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..compare.stats import bootstrap_ci
+from ..compare.stats import bootstrap_ci, paired_difference, verdict
 from ..errors import CausalError
 from ..hooks import Patch, patching, predictions, resolve_layers
 from ..prompts import PromptPair, build_prompt
@@ -157,12 +157,17 @@ def patched_logits(model: Any, pairs: Sequence[PromptPair],
 
 
 def accuracy_rows(task: str, hits: dict[str, np.ndarray], seed: int) -> pd.DataFrame:
-    """One tidy row per hypothesis: its accuracy with a 95 % bootstrap interval."""
+    """One tidy row per hypothesis: its accuracy with a 95 % bootstrap interval and, beside
+    ``zero_shot``'s, its verdict against it (the paired difference over the same queries)."""
     rows = []
     for name, h in hits.items():
         lo, hi = bootstrap_ci(h, seed=seed)
-        rows.append({"task": task, "hypothesis": name, "metric": "accuracy",
-                     "value": float(h.mean()), "ci_low": lo, "ci_high": hi, "n": len(h)})
+        row = {"task": task, "hypothesis": name, "metric": "accuracy", "value": float(h.mean()),
+               "ci_low": lo, "ci_high": hi, "n": len(h)}
+        if name != "zero_shot" and "zero_shot" in hits:
+            row["vs_zero_shot"] = verdict(*paired_difference(h, hits["zero_shot"],
+                                                             seed=seed)[1:])
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
