@@ -176,7 +176,8 @@ def replay_logits(model: Any, pairs: Sequence[PromptPair], patched: Sequence[int
         hooks, made = _layer_hooks(model, patched, updates, last, part, given, randomize)
         with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
             logits = model(ids.to(_device(model)))
-        out.append(logits[torch.arange(len(last)), last.to(logits.device)].to(wide(logits.dtype)).cpu())
+        at_p = logits[torch.arange(len(last)), last.to(logits.device)]
+        out.append(at_p.to(wide(logits.dtype)).cpu())
         for l in patched:
             used[l].append(made[l])
         lo = hi
@@ -188,83 +189,84 @@ def _layer_hooks(model: Any, patched: Sequence[int], updates: str, last: torch.T
                  randomize: torch.Generator | None) -> tuple[list, dict[int, Factors]]:
     """The forward hooks of one batch, and the factors they build (filled as it runs)."""
     dev = _device(model)
-    rows, last = torch.arange(len(last), device=dev), last.to(dev)
+    at = (torch.arange(len(last), device=dev), last.to(dev))  # (row, p) of each prompt
     hooks, made = [], {}
-    post_norm = _HOOKS["post_norm"].format(l=0) in model.hook_dict
     for l in patched:
-        f = given[l] if given is not None else Factors()
-        made[l] = f
-        st: dict[str, torch.Tensor] = {}
-        li = None if targets is None else targets.layers.index(l)
-
-        def at_p(x):
-            return x[rows, last]
-
-        def mid(x, hook=None, st=st):
-            st["h0"] = at_p(x).clone()
-
-        def mlp_in(x, hook=None, st=st, f=f, l=l, li=li):
-            st["u"] = x
-            if given is None:
-                u0 = at_p(x)
-                f.b = (u0 / (u0 * u0).sum(-1, keepdim=True))[:, None]
-                du = targets.u_c[li].to(x) - u0
-                for inp in mlp_first_layers(model, l):
-                    a = du @ _mlp_weight(model, l, inp).to(x).T
-                    f.a[inp.name] = _same_norm(a, randomize)[:, None]
-
-        def first(x, hook=None, st=st, f=f, name="in"):
-            beta = torch.einsum("bpd,bsd->bps", st["u"], f.b.to(x))
-            return x + torch.einsum("bps,bsm->bpm", beta, f.a[name].to(x)) / f.b.shape[1]
-
-        def out_in(x, hook=None, st=st):
-            st["act"] = x
-
-        def out(x, hook=None, st=st, f=f, li=li):
-            if given is None:
-                a = at_p(st["act"])
-                f.c = (a / (a * a).sum(-1, keepdim=True))[:, None]
-                e = targets.y_c[li].to(x) - st["h0"] - at_p(x)
-                f.e = _same_norm(e, randomize)[:, None]
-            g = torch.einsum("bpm,bsm->bps", st["act"], f.c.to(x))
-            return x + torch.einsum("bps,bsd->bpd", g, f.e.to(x)) / f.c.shape[1]
-
-        def norm_out(x, hook=None, st=st, f=f, li=li):
-            if given is None:
-                n = at_p(x)
-                t = targets.y_c[li].to(x) - st["h0"]
-                f.r = (1 + _same_norm(torch.where(n != 0, t / n, 1) - 1, randomize))[:, None]
-            return x * f.r.to(x).mean(1)[:, None]
-
-        def q_at_p(x, hook=None, st=st):
-            st["q"] = at_p(x)
-
-        def z_at_p(x, hook=None, st=st, f=f, li=li):
-            if given is None:
-                dW = targets.dW[li] * targets.scale[li][..., None, None]
-                f.dW = _same_norm(dW.flatten(-2), randomize).view_as(dW)[:, None]
-                f.lam = targets.lam[li][:, None]
-            x = x.clone()
-            lam = f.lam.to(x).mean(1)
-            dz = torch.einsum("bhvk,bhk->bhv", f.dW.to(x).mean(1), st["q"].to(x))
-            x[rows, last] = (1 - lam[..., None]) * at_p(x) + dz
-            return x
-
-        H = {k: v.format(l=l) for k, v in _HOOKS.items()}
-        if H["q"] not in model.hook_dict:  # no rotary: the query before it is what is used
-            H["q"] = f"blocks.{l}.attn.hook_q"
-        hooks.append((H["resid_mid"], mid))
-        if updates in ("exact", "mlp"):
-            hooks.append((H["mlp_in"], mlp_in))
-            for inp in mlp_first_layers(model, l):
-                hooks.append((H[inp.name], _bind(first, name=inp.name)))
-        if updates == "exact" and post_norm:
-            hooks.append((H["post_norm"], norm_out))
-        elif updates == "exact":
-            hooks += [(H["out_in"], out_in), (H["out"], out)]
-        if updates == "dual":
-            hooks += [(H["q"], q_at_p), (H["z"], z_at_p)]
+        made[l] = given[l] if given is not None else Factors()
+        hooks += _block_hooks(model, l, updates, at, made[l], targets, randomize)
     return hooks, made
+
+
+def _block_hooks(model: Any, l: int, updates: str, at: tuple[torch.Tensor, torch.Tensor],
+                 f: Factors, targets: Targets | None, randomize: torch.Generator | None
+                 ) -> list:
+    """Block ``l``'s hooks: they build ``f`` on the stream (given ``targets``) or apply it."""
+    st: dict[str, torch.Tensor] = {}
+    compute = targets is not None
+    li = targets.layers.index(l) if compute else -1
+
+    def mid(x, hook=None):
+        st["h0"] = x[at].clone()
+
+    def mlp_in(x, hook=None):
+        st["u"] = x
+        if compute:
+            u0 = x[at]
+            f.b = (u0 / (u0 * u0).sum(-1, keepdim=True))[:, None]
+            du = targets.u_c[li].to(x) - u0
+            for inp in mlp_first_layers(model, l):
+                a = du @ _mlp_weight(model, l, inp).to(x).T
+                f.a[inp.name] = _same_norm(a, randomize)[:, None]
+
+    def first(x, hook=None, name="in"):  # (W + a bᵀ) u, for every source's (a, b), averaged
+        beta = torch.einsum("bpd,bsd->bps", st["u"], f.b.to(x))
+        return x + torch.einsum("bps,bsm->bpm", beta, f.a[name].to(x)) / f.b.shape[1]
+
+    def out_in(x, hook=None):
+        st["act"] = x
+
+    def out(x, hook=None):  # (W_out + e cᵀ) act
+        if compute:
+            a = st["act"][at]
+            f.c = (a / (a * a).sum(-1, keepdim=True))[:, None]
+            f.e = _same_norm(targets.y_c[li].to(x) - st["h0"] - x[at], randomize)[:, None]
+        g = torch.einsum("bpm,bsm->bps", st["act"], f.c.to(x))
+        return x + torch.einsum("bps,bsd->bpd", g, f.e.to(x)) / f.c.shape[1]
+
+    def norm_out(x, hook=None):  # the post-MLP norm's scale times r
+        if compute:
+            n, t = x[at], targets.y_c[li].to(x) - st["h0"]
+            f.r = (1 + _same_norm(torch.where(n != 0, t / n, 1) - 1, randomize))[:, None]
+        return x * f.r.to(x).mean(1)[:, None]
+
+    def q_at_p(x, hook=None):
+        st["q"] = x[at]
+
+    def z_at_p(x, hook=None):  # (1 − λ) z + s ΔW q, at p only
+        if compute:
+            dW = targets.dW[li] * targets.scale[li][..., None, None]
+            f.dW = _same_norm(dW.flatten(-2), randomize).view_as(dW)[:, None]
+            f.lam = targets.lam[li][:, None]
+        x = x.clone()
+        lam = f.lam.to(x).mean(1)
+        dz = torch.einsum("bhvk,bhk->bhv", f.dW.to(x).mean(1), st["q"].to(x))
+        x[at] = (1 - lam[..., None]) * x[at] + dz
+        return x
+
+    H = {k: v.format(l=l) for k, v in _HOOKS.items()}
+    if H["q"] not in model.hook_dict:  # no rotary: the query before it is what is used
+        H["q"] = f"blocks.{l}.attn.hook_q"
+    hooks = [(H["resid_mid"], mid)]
+    if updates in ("exact", "mlp"):
+        hooks.append((H["mlp_in"], mlp_in))
+        hooks += [(H[inp.name], _bind(first, name=inp.name)) for inp in mlp_first_layers(model, l)]
+    if updates == "exact" and _HOOKS["post_norm"].format(l=l) in model.hook_dict:
+        hooks.append((H["post_norm"], norm_out))
+    elif updates == "exact":
+        hooks += [(H["out_in"], out_in), (H["out"], out)]
+    if updates == "dual":
+        hooks += [(H["q"], q_at_p), (H["z"], z_at_p)]
+    return hooks
 
 
 def _same_norm(x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
