@@ -202,3 +202,25 @@ def test_function_vector_against_hand_computed_heads_and_patch(model, first_byte
         hand.append(int(logits[p.label_ids].argmax()) == p.target)
     got = res.summary.set_index("hypothesis").value["function_vector"]
     assert got == np.mean(hand)
+
+
+def test_function_vector_heads_on_a_drifted_cache_raise(model, first_byte, drifted_cache):
+    from icl_probe.errors import TraceError
+    with pytest.raises(TraceError, match="cache"):
+        ip.function_vector(model, first_byte, k=3, prompts=4, heads=3, queries=2,
+                           dev_queries=2, progress=False)
+
+
+def test_function_vector_effects_on_the_cache_equal_whole_prompts(model, first_byte):
+    from icl_probe.causal.functions import Z, _whole_prompt_effects, indirect_effects
+    from icl_probe.causal.patches import at_pred
+    task = ip.load_task(first_byte)
+    train = task.split("train")
+    clean = [ip.build_prompt(model, task, q, 3, seed=q, pool=train) for q in train[-3:]]
+    bad = [ip.build_prompt(model, task, p.query, demos=list(p.demos), seed=p.query,
+                           shuffle_labels=True) for p in clean]
+    mean_z = at_pred(model, clean, range(model.cfg.n_layers), Z, "icl").mean(1)
+    fast = indirect_effects(model, bad, mean_z, progress=False)
+    slow = _whole_prompt_effects(model, bad, mean_z, range(model.cfg.n_layers),
+                                 range(model.cfg.n_heads))
+    assert np.abs(fast - slow).max() <= 1e-9 + 1e-6 * np.abs(slow).max()

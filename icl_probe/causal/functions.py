@@ -21,6 +21,7 @@ attention output (none in Llama-family models) is not part of a head's output.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Sequence
 
 import numpy as np
@@ -28,8 +29,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import CausalError
-from ..hooks import Patch, attention_weights, patching, resolve_layers
+from ..errors import CausalError, TraceError
+from ..hooks import Patch, attention_weights, logits_to_keep, patching, resolve_layers
 from ..prompts import PromptPair, build_prompt
 from ..tasks import load_task
 from .patches import at_pred
@@ -96,22 +97,87 @@ def function_vector(model: Any, task: Any, *, k: int = 5, prompts: int = 16, hea
 def indirect_effects(model: Any, corrupted: Sequence[PromptPair], mean_z: torch.Tensor,
                      progress: bool | None = None) -> np.ndarray:
     """(layer, head): the mean rise in the correct answer's first-token probability when the
-    head's output at ``p`` of each corrupted prompt is replaced by ``mean_z[layer, head]``."""
+    head's output at ``p`` of each corrupted prompt is replaced by ``mean_z[layer, head]``.
+
+    The patch changes only the last position, so each prompt runs whole once (the slow, exact
+    path, which also builds its key/value cache) and then only its last token, on copies of
+    that cache, one batch row per head of a layer. The fast path checks itself: its unpatched
+    logits against the whole prompt's, per prompt, and the top head's effect against whole
+    patched prompts; a mismatch raises. Where the cache cannot be cut back, every head runs
+    the whole prompts."""
     n_layers, n_heads = mean_z.shape[:2]
-    base = _p_correct(corrupted, patched_logits(model, corrupted, None, "icl"))
     out = np.zeros((n_layers, n_heads))
-    last = [len(p.icl_ids) - 1 for p in corrupted]
-    bar = tqdm(total=n_layers * n_heads, desc="function vector heads", unit="head",
+    bar = tqdm(total=len(corrupted) * n_layers, desc="function vector heads", unit="layer",
                disable=not (progress or progress is None and n_layers * n_heads > 64))
+    for p in corrupted:
+        cached = _last_token_effects(model, p, mean_z, bar)
+        if cached is None:
+            bar.close()
+            return _whole_prompt_effects(model, corrupted, mean_z, range(n_layers), range(n_heads))
+        out += cached
+    bar.close()
+    out /= len(corrupted)
+    l, h = (int(i) for i in np.unravel_index(int(np.argmax(out)), out.shape))
+    slow = _whole_prompt_effects(model, corrupted, mean_z, [l], [h])[l, h]
+    if not abs(slow - out[l, h]) <= 1e-6 + 1e-3 * abs(slow):
+        raise TraceError(f"function_vector: head {l}.{h}'s effect on the cached last token "
+                         f"({out[l, h]:.6g}) differs from whole prompts ({slow:.6g}); this "
+                         "transformers release's cache is not what the fast path assumes")
+    return out
+
+
+def _last_token_effects(model: Any, p: PromptPair, mean_z: torch.Tensor, bar: Any
+                        ) -> np.ndarray | None:
+    """One corrupted prompt: every head's rise, on its cache (None: no usable cache)."""
+    n_layers, n_heads = mean_z.shape[:2]
+    device = next(model.parameters()).device
+    ids, gold = p.icl_ids, int(p.label_ids[p.target])
+    with torch.inference_mode():
+        keep, kw = logits_to_keep(model, torch.tensor([len(ids) - 1]))
+        out = model(ids[None].to(device), return_type="logits_and_cache", **kw)
+    cache = out[1] if isinstance(out, tuple) else None
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    try:
+        cache.crop(-1)  # the cache of every token but the last
+    except (AttributeError, RuntimeError, ValueError, NotImplementedError):
+        return None
+    slow = out[0][0, keep[0]].double()
+    last = ids[-1:].to(device)
+    base = float(slow.softmax(-1)[gold])
+    rise = np.zeros((n_layers, n_heads))
     for l in range(n_layers):
-        for h in range(n_heads):
+        rows = n_heads + (l == 0)  # layer 0's batch has one unpatched row: the self-check
+        c = copy.deepcopy(cache)
+        c.batch_repeat_interleave(rows)
+        patch = [Patch(mean_z[l, h], rows=[h], positions=[0], heads=[h]) for h in range(n_heads)]
+        with torch.inference_mode(), patching(model, {Z.format(l=l): patch}):
+            logits = model(last[None].expand(rows, 1), past_key_values=c)[:, -1].double()
+        if l == 0:
+            err = float((logits[-1] - slow).abs().max() / slow.abs().max())
+            if not err < 1e-4:
+                raise TraceError(f"function_vector: the last token on its repeated cache gives "
+                                 f"logits {err:.1e} (relative) away from the whole prompt's; "
+                                 "this transformers release's cache is not what the fast path "
+                                 "assumes")
+        rise[l] = logits[:n_heads].softmax(-1)[:, gold].cpu().numpy() - base
+        bar.update()
+    return rise
+
+
+def _whole_prompt_effects(model: Any, corrupted: Sequence[PromptPair], mean_z: torch.Tensor,
+                          layers: Sequence[int], heads: Sequence[int]) -> np.ndarray:
+    """The slow path: the whole corrupted prompts, once as they are and once per head."""
+    base = _p_correct(corrupted, patched_logits(model, corrupted, None, "icl"))
+    out = np.zeros(mean_z.shape[:2])
+    last = [len(p.icl_ids) - 1 for p in corrupted]
+    for l in layers:
+        for h in heads:
             patch = [Patch(mean_z[l, h], rows=[r], positions=[p], heads=[h])
                      for r, p in enumerate(last)]
             with patching(model, {Z.format(l=l): patch}):
                 logits = patched_logits(model, corrupted, None, "icl")
             out[l, h] = float((_p_correct(corrupted, logits) - base).mean())
-            bar.update()
-    bar.close()
     return out
 
 
