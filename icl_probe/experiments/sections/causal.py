@@ -58,6 +58,7 @@ class CausalUnit(Unit):
 
 class Causal(Section):
     name = "causal"
+    output_files = {"causal": "causal.csv"}
     Settings = CausalSettings
     Unit = CausalUnit
 
@@ -137,18 +138,10 @@ class Causal(Section):
         c = tabs.get("causal")
         if c is None:
             return []
-        out = []
-        for metric, title in (("share", "Share of the ICL logit shift recovered"),
-                              ("accuracy", "Test accuracy per hypothesis")):
-            d = c[c.metric == metric].copy()
-            d["value"] = d.apply(lambda r: f"{r.value:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]",
-                                 axis=1)
-            keep = ["task", "test", "hypothesis", "subset", "baseline", "value", "n",
-                    "vs_random", "vs_shuffled_labels", "vs_zero_shot", "layer"]
-            d = d[[k for k in keep if k in d]].dropna(axis=1, how="all").fillna("")
-            for col in [k for k in d if k.startswith("vs_")]:  # coloured by the report
-                d[col] = d[col].map(lambda v: f"({v})" if v else "")
-            out.append((title, VerdictTable(d.reset_index(drop=True))))
+        out = [(title, VerdictTable(_wide(_filled(c), metric))) for metric, title in (
+            ("share", "Share of the ICL logit shift recovered (each baseline beside)"),
+            ("accuracy", "Test accuracy per hypothesis (each baseline beside)"),
+            ("kl", "KL(ICL || hypothesis) at the prediction position (lower is closer)"))]
         if "fv_heads" in tabs:
             h = tabs["fv_heads"]
             out.append(("Function vector: the chosen heads", h[h.chosen].sort_values(
@@ -159,6 +152,7 @@ class Causal(Section):
         c = tabs.get("causal")
         figs = []
         if c is not None:
+            c = _filled(c)
             figs += [f for f in (_share_figure(c), _accuracy_figure(c)) if f is not None]
         if "vector_layers" in tabs:
             d = tabs["vector_layers"]
@@ -170,6 +164,34 @@ class Causal(Section):
                               xaxis_title="layer", yaxis_title="accuracy")
             figs.append(fig)
         return figs
+
+
+def _filled(c: pd.DataFrame) -> pd.DataFrame:
+    """Empty keys read back from CSV as NaN: empty strings again."""
+    return c.assign(**{k: c[k].fillna("") for k in ("subset", "baseline") if k in c})
+
+
+def _wide(c: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One row per (task, test, hypothesis, subset): the value with its interval, each
+    baseline's beside it, and the verdicts."""
+    d = c[c.metric == metric]
+    cell = d.apply(lambda r: f"{r.value:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]", axis=1)
+    d = d.assign(cell=cell)
+    keys = ["task", "test", "hypothesis", "subset"]
+    rows = []
+    for key, g in d.groupby(keys, sort=False):
+        own = g[g.baseline == ""].iloc[0]
+        row = dict(zip(keys, key), value=own.cell, n=own.n)
+        for b in REPLAY_BASELINES:
+            if (g.baseline == b).any():
+                row[b] = g[g.baseline == b].cell.iloc[0]
+        for v in ("vs_random", "vs_shuffled_labels", "vs_zero_shot"):
+            if v in own and isinstance(own[v], str) and own[v]:
+                row[v] = f"({own[v]})"  # coloured by the report
+        if pd.notna(own.get("layer")):
+            row["layer"] = int(own["layer"])
+        rows.append(row)
+    return pd.DataFrame(rows).fillna("")
 
 
 def _share_figure(c: pd.DataFrame) -> Any:
