@@ -26,7 +26,20 @@ REDUCED = {
                  methods=[dict(name="gd_mid", params="v:mid", epochs=2, lrs=[1e-2])],
                  order_methods=[dict(name="gd_full", epochs=2, lrs=[1e-2]),
                                 dict(name="sgd_b1", batch_size=1, epochs=2, lrs=[1e-2])]),
+    "causal": dict(k=2, queries=3, dev_queries=2, updates=["exact", "dual"], fv_prompts=2,
+                   fv_heads=2, dummies=1),  # tasks: a file the test writes (first bytes differ)
 }
+
+
+def _first_byte_task(tmp_path):
+    """Parity with no space before the answer: the byte tokenizer tells the labels apart by
+    their first token, as replay and transfer need."""
+    f = tmp_path / "parity.jsonl"
+    rows = [{"task": "parity", "labels": ["even", "odd"],
+             "template": "Input: {x}\nOutput:{y}\n\n"}]
+    rows += [{"x": str(n), "y": "even" if n % 2 == 0 else "odd"} for n in range(30)]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(f)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +55,9 @@ def _config(sections, **over):
 
 @pytest.mark.parametrize("section", sorted(SECTIONS))
 def test_each_section_runs_and_reports(tiny, tmp_path, section):
-    out = run_experiment(_config([section]), model=tiny, out=tmp_path / section, progress=False)
+    over = {"causal": {"tasks": [_first_byte_task(tmp_path)]}} if section == "causal" else {}
+    out = run_experiment(_config([section], **over), model=tiny, out=tmp_path / section,
+                         progress=False)
     results = read_results(out)
     assert section in results and results[section]
     page = (out / "report.html").read_text()
@@ -63,6 +78,13 @@ def test_each_section_runs_and_reports(tiny, tmp_path, section):
         assert "Learning-rate sweep" in page and "Dai et al. GPT 1.3B" in page
     if section == "implied_updates":
         assert results[section]["identities"].max_rel_err.max() < 1e-4
+    if section == "causal":
+        c = pd.read_csv(out / "causal.csv", keep_default_na=False)
+        assert {"replay:exact", "replay:dual", "transfer:other", "transfer:mean", "finetune",
+                "task_vector", "function_vector"} <= set(c.hypothesis)
+        exact = c[(c.hypothesis == "replay:exact") & (c.subset == "all") & (c.baseline == "")]
+        assert abs(exact[exact.metric == "share"].value.iloc[0] - 1) < 1e-4
+        assert "Share of the ICL logit shift recovered" in page
     if section == "order_sensitivity":
         os_ = results[section]["order_sensitivity"]
         assert (os_[os_.run == "batch"].order_sensitivity == 0).all()
