@@ -163,3 +163,35 @@ def test_transfer_reports_other_mean_and_finetune(yes_no):
     assert acc.value.between(0, 1).all() and (acc.n == 4).all()
     with pytest.raises(CausalError, match="queries=1"):
         transfer(model, yes_no, queries=1)
+
+
+@pytest.mark.embedded
+def test_the_exact_replay_on_the_embedded_model(embedded):
+    """Blocks 0-28 of 30 patched on real sentiment prompts: each patched block outputs, at p,
+    what the ICL forward's block outputs there (a separate ICL forward, read by plain torch
+    hooks on the hook points); the last block is left alone, so the logits are not ICL's."""
+    pairs = [ip.build_prompt(embedded, "sentiment", q, k=4, seed=q) for q in (0, 1)]
+    patched = tuple(range(29))
+    targets = icl_targets(embedded, pairs, patched, "exact")
+    seen = {}
+    handles = [embedded.hook_dict[f"blocks.{l}.hook_resid_post"].register_forward_hook(
+        lambda m, i, out, l=l: seen.__setitem__(l, out.detach().clone())) for l in patched]
+    try:
+        logits, _ = replay_logits(embedded, pairs, patched, "exact", targets=targets)
+        last = torch.tensor([len(p.zs_ids) - 1 for p in pairs])
+        during = torch.stack([seen[l][torch.arange(2), last] for l in patched])
+        seen.clear()
+        with torch.inference_mode():
+            for b, p in enumerate(pairs):  # one ICL prompt at a time: no padding involved
+                embedded(p.icl_ids[None])
+                if b == 0:
+                    first = torch.stack([seen[l][0, -1] for l in patched])
+        icl_blocks = torch.stack([first, torch.stack([seen[l][0, -1] for l in patched])], 1)
+    finally:
+        for h in handles:
+            h.remove()
+    err = ((during - icl_blocks).norm(dim=-1) / icl_blocks.norm(dim=-1)).max()
+    assert err < 1e-4, float(err)  # float32, 29 blocks
+    zs = patched_logits(embedded, pairs, None, "zs")
+    icl = patched_logits(embedded, pairs, None, "icl")
+    assert _rel(logits, icl) > 1e-3 and _rel(logits, zs) > 1e-3
