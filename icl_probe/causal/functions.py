@@ -34,7 +34,7 @@ from ..hooks import Patch, attention_weights, logits_to_keep, patching, resolve_
 from ..prompts import PromptPair, build_prompt
 from ..tasks import load_task
 from .patches import at_pred
-from .vectors import (HIDDEN, VectorResult, _check_counts, accuracy_rows, patched_hits,
+from .vectors import (HIDDEN, VectorResult, _check_counts, chosen_layer, patched_hits,
                       patched_logits)
 
 Z = "blocks.{l}.attn.hook_z"
@@ -83,13 +83,7 @@ def function_vector(model: Any, task: Any, *, k: int = 5, prompts: int = 16, hea
                          "n": len(pairs)})
         hits[(split, "zero_shot")] = patched_hits(model, pairs, None)
         hits[(split, "icl")] = patched_hits(model, pairs, None, kind="icl")
-    per_layer = pd.DataFrame(rows)
-    dev = per_layer[per_layer.split == "dev"]
-    best = int(dev.layer.iloc[int(np.argmax(dev.accuracy.to_numpy()))])  # ties: earliest
-    summary = accuracy_rows(task.name, {"zero_shot": hits[("test", "zero_shot")],
-                                        "icl": hits[("test", "icl")],
-                                        "function_vector": hits[("test", best)]}, seed)
-    summary["layer"] = [None, None, best]
+    per_layer, best, summary = chosen_layer("function_vector", task.name, rows, hits, seed)
     return VectorResult("function_vector", layer_list, per_layer, best, summary,
                         fv[None].float().cpu(), heads=table)
 

@@ -79,15 +79,23 @@ def task_vector(model: Any, task: Any, *, k: int = 5, dummies: int = 2, queries:
             bar.update()
         kept[split] = vecs
     bar.close()
-    per_layer = pd.DataFrame(rows)
-    dev = per_layer[per_layer.split == "dev"]
-    best = int(dev.layer.iloc[int(np.argmax(dev.accuracy.to_numpy()))])  # ties: earliest
-    summary = accuracy_rows(task.name, {"zero_shot": hits[("test", "zero_shot")],
-                                        "icl": hits[("test", "icl")],
-                                        "task_vector": hits[("test", best)]}, seed)
-    summary["layer"] = [None, None, best]
+    per_layer, best, summary = chosen_layer("task_vector", task.name, rows, hits, seed)
     return VectorResult("task_vector", layer_list, per_layer, best, summary,
                         kept["test"][:, layer_list.index(best)].float().cpu())
+
+
+def chosen_layer(method: str, task: str, rows: list[dict], hits: dict, seed: int
+                 ) -> tuple[pd.DataFrame, int, pd.DataFrame]:
+    """The per-layer table, the block with the best dev accuracy (the earliest on a tie), and
+    the test summary: zero-shot, ICL and ``method`` at that block."""
+    per_layer = pd.DataFrame(rows)
+    dev = per_layer[per_layer.split == "dev"]
+    best = int(dev.layer.iloc[int(np.argmax(dev.accuracy.to_numpy()))])
+    summary = accuracy_rows(task, {"zero_shot": hits[("test", "zero_shot")],
+                                   "icl": hits[("test", "icl")], method: hits[("test", best)]},
+                            seed)
+    summary["layer"] = [None, None, best]
+    return per_layer, best, summary
 
 
 def _vectors(model: Any, task: Any, pairs: list[PromptPair], train: Sequence[int],
