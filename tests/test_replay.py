@@ -53,8 +53,21 @@ def test_the_exact_replay_is_rank_one_weight_patches_and_reproduces_icl_block_ou
     model = _model(arch)
     pair = _pairs(model, yes_no, n=1)
     patched = (0, 1, 2)
-    logits, fs = replay_logits(model, pair, patched, "exact",
-                               targets=icl_targets(model, pair, patched, "exact"))
+    seen = {}
+    handles = [model.hook_dict[f"blocks.{l}.hook_resid_post"].register_forward_hook(
+        lambda m, i, out, l=l: seen.__setitem__(l, out[0, -1].detach().clone()))
+        for l in patched]  # plain torch hooks: the replay's own hooks never see them
+    try:
+        logits, fs = replay_logits(model, pair, patched, "exact",
+                                   targets=icl_targets(model, pair, patched, "exact"))
+        during = torch.stack([seen[l] for l in patched])
+        with torch.inference_mode():
+            model(pair[0].icl_ids[None])  # the ICL forward, alone
+        icl_out = torch.stack([seen[l] for l in patched])
+    finally:
+        for h in handles:
+            h.remove()
+    assert _rel(during, icl_out) < TOL  # the construction, to float64 precision
     icl = patched_logits(model, pair, None, "icl")
     assert _rel(logits, icl) > 1e-3  # the last block sees no demonstrations: not ICL yet
     saved = {n: p.detach().clone() for n, p in model.named_parameters()}
