@@ -118,11 +118,14 @@ class Causal(Section):
     def memory(self, shape: ModelShape, s: CausalSettings, b: int) -> Memory:
         icl, _, demos, _, how = prompt_tokens(shape, s.tasks, s.k)
         traced = record_bytes(shape, QUANTITIES, s.queries, icl, weight_bytes=b)  # dual form
+        # function vectors: a prompt's key/value cache, copied once per head of a layer (+1)
+        kv = 2 * shape.n_layers * shape.n_kv_heads * shape.d_head * icl * b
+        fv = kv * (shape.n_heads + 2) if "function_vector" in s.tests else 0
         ft = finetune_bytes(shape, trainable_count(shape, "kv"), demos, b, 0)
         return Memory(finetune=ft, finetune_note="causal: transfer's Dai-FT on k and v",
-                      traces=traced, held=traced, how=how, traces_note=(
-                          f"causal: the dual form's trace of {s.queries} prompts of up to "
-                          f"{icl} tokens"))
+                      traces=max(traced, fv), held=traced, how=how, traces_note=(
+                          f"causal: the larger of the dual form's trace of {s.queries} prompts "
+                          f"of up to {icl} tokens and function vectors' cache copies"))
 
     def intro(self, values: dict, tabs: dict[str, pd.DataFrame]) -> str:
         return ("<p>Each hypothesis on the same test queries. <b>share</b>: the share of the "
