@@ -12,15 +12,21 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 MMAP_THRESHOLD = 128 * 1024
+HEAP_ENV = "ICL_PROBE_HEAP"
 
 
 def return_freed_memory() -> bool:
     """Fix glibc's mmap threshold (Linux with glibc only; elsewhere nothing is done). Call it
-    before the first large allocation. Returns whether it took effect."""
+    before the first large allocation. Returns whether it took effect. ``ICL_PROBE_HEAP=glibc``
+    in the environment leaves glibc's defaults (to measure against them), and a threshold the
+    user set (``MALLOC_MMAP_THRESHOLD_``) is kept."""
+    if os.environ.get(HEAP_ENV) == "glibc" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
     if not sys.platform.startswith("linux"):
         return False
     name = ctypes.util.find_library("c")
