@@ -2,10 +2,14 @@
 default raises its mmap threshold as large blocks are freed (up to 32 MiB on 64-bit), so the
 many medium tensors a run frees stay in the heap and its peak RSS grows past what it holds.
 
-:func:`return_freed_memory` fixes the threshold at 128 KiB: every tensor above it gets its own
-mapping, returned to the system when freed. Measured on ``experiments/default.toml`` (embedded
-model, this 2-core CPU): peak RSS 2.57 GB with glibc's defaults, 2.43 GB with the threshold
-fixed; wall time 6 min 02 s and 6 min 10 s, within the machine's noise (BENCHMARKS.md).
+:func:`return_freed_memory` fixes the threshold at 4 MiB: every tensor above it gets its own
+mapping, returned to the system when freed, while the many small temporaries stay in the heap
+and are reused. The lower the threshold, the lower the peak and the more page faults. Measured
+on this 2-core CPU (BENCHMARKS.md, 2026-12-05), a small Dai table on the embedded model (the
+plan-vs-peak test's): peak 1.53 GB and 40 s with glibc's defaults; 1.41 GB and 48 s at 128 KiB;
+1.44-1.47 GB and 41 s at 4 MiB; 1.58 GB at 16 MiB. ``icl_vs_gd.toml`` at 128 KiB: 2.80 GB
+against 3.19 GB, but 25 min 29 s against 18 min 29 s (500 s of system time against 52 s): too
+dear, hence 4 MiB.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import os
 import sys
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-MMAP_THRESHOLD = 128 * 1024
+MMAP_THRESHOLD = 4 * 1024 * 1024
 HEAP_ENV = "ICL_PROBE_HEAP"
 
 
