@@ -161,15 +161,17 @@ def references(model: Any, pairs: Sequence[PromptPair]) -> dict[str, torch.Tenso
 
 
 def _query_rows(model: Any, pairs: Sequence[PromptPair], ref: dict[str, torch.Tensor],
-                logits: torch.Tensor, hypothesis: str, subset: str, baseline: str
-                ) -> list[dict]:
+                logits: torch.Tensor, hypothesis: str, subset: str, baseline: str,
+                kind: str = "zs") -> list[dict]:
+    """One row per query: every metric of ``logits`` against the references; accuracy read
+    with the candidates of the ``kind`` prompt the logits came from."""
     icl, zs = ref["icl"].double(), ref["zs"].double()
     x = logits.double()
     share = 1 - (x - icl).norm(dim=-1) / (zs - icl).norm(dim=-1)
     top1 = x.argmax(-1) == icl.argmax(-1)
     p_icl = icl.log_softmax(-1)
     kl = (p_icl.exp() * (p_icl - x.log_softmax(-1))).sum(-1)
-    hits = predictions(model, pairs, "zs", logits).numpy() == np.array([p.target for p in pairs])
+    hits = predictions(model, pairs, kind, logits).numpy() == np.array([p.target for p in pairs])
     return [{"hypothesis": hypothesis, "subset": subset, "baseline": baseline,
              "query": p.query, "share": float(share[i]), "top1": float(top1[i]),
              "accuracy": float(hits[i]), "kl": float(kl[i])} for i, p in enumerate(pairs)]
@@ -178,12 +180,8 @@ def _query_rows(model: Any, pairs: Sequence[PromptPair], ref: dict[str, torch.Te
 def _reference_rows(model: Any, pairs: Sequence[PromptPair], ref: dict[str, torch.Tensor]
                     ) -> pd.DataFrame:
     """Zero-shot and ICL themselves (share 0 and 1 by definition)."""
-    rows = _query_rows(model, pairs, ref, ref["zs"], "zero_shot", "", "")
-    icl = _query_rows(model, pairs, ref, ref["icl"], "icl", "", "")
-    hits = predictions(model, pairs, "icl", ref["icl"]).numpy()
-    for r, h, p in zip(icl, hits, pairs):
-        r["accuracy"] = float(h == p.target)
-    return pd.DataFrame(rows + icl)
+    return pd.DataFrame(_query_rows(model, pairs, ref, ref["zs"], "zero_shot", "", "")
+                        + _query_rows(model, pairs, ref, ref["icl"], "icl", "", "", "icl"))
 
 
 def summarise(per_query: pd.DataFrame, task: str, seed: int) -> pd.DataFrame:
