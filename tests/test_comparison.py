@@ -50,6 +50,38 @@ def test_kendall_against_pair_counting():
     assert abs(C.kendall_tau(a, a) - 1) < TOL and abs(C.kendall_tau(a, -a) + 1) < TOL
 
 
+def _tau_b_by_pairs(a, b):
+    """Kendall's tau-b by explicit pair counting (NaN pairs count as ties, as the metric's)."""
+    conc = disc = tie_a = tie_b = 0
+    for i, j in itertools.combinations(range(len(a)), 2):
+        da, db = float(a[i] - a[j]), float(b[i] - b[j])
+        tie_a += not (da > 0 or da < 0)
+        tie_b += not (db > 0 or db < 0)
+        conc += da * db > 0
+        disc += da * db < 0
+    pairs = len(a) * (len(a) - 1) / 2
+    den = math.sqrt((pairs - tie_a) * (pairs - tie_b))
+    return (conc - disc) / den if den else float("nan")
+
+
+def test_kendall_against_many_shares_one_side_and_counts_ties():
+    g = torch.Generator().manual_seed(3)
+    a = torch.rand(6, 9, generator=g, dtype=torch.float64)
+    a[1] = (a[1] * 3).floor()   # ties on the shared side
+    a[2, 4] = float("nan")
+    others = [torch.rand(6, 9, generator=g, dtype=torch.float64) for _ in range(2)]
+    others[1][3] = (others[1][3] * 2).floor()  # ties on one other side only
+    others[0][5] = 0.5                           # a constant row: NaN
+    got = C.kendall_tau_against(a, others)
+    for b, col in zip(others, got):
+        assert col == C.kendall_tau_rows(a, b) or all(
+            (x == y) or (math.isnan(x) and math.isnan(y))
+            for x, y in zip(col, C.kendall_tau_rows(a, b)))
+        for r in range(6):
+            ref = _tau_b_by_pairs(a[r], b[r])
+            assert (math.isnan(ref) and math.isnan(col[r])) or abs(col[r] - ref) < TOL, r
+
+
 def test_simaou_and_simam_against_explicit_loops():
     g = torch.Generator().manual_seed(1)
     L, H, T, d = 3, 4, 5, 7

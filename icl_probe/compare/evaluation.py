@@ -47,6 +47,7 @@ def _evaluate(model: Any, refs: _Refs, fts: list[Any], cfg: FineTuneConfig, *, g
     them) are dropped before the next chunk's are made."""
     pairs = refs.pairs
     rows_q, rows_l, rows_h = [], [], []
+    steps: dict = {}  # each fine-tune's scaled step queries, shared by its queries' Kendall
     for lo in range(0, len(pairs), EVAL_CHUNK):
         idx = range(lo, min(lo + EVAL_CHUNK, len(pairs)))
         chunk = [pairs[b] for b in idx]
@@ -61,7 +62,7 @@ def _evaluate(model: Any, refs: _Refs, fts: list[Any], cfg: FineTuneConfig, *, g
         ft_logits, ft_pred = _ft_predictions(chunk, fts_c, ft_of, position)
         for j, b in enumerate(idx):
             q, l, h = _query_rows(refs, b, zs_kv[j], ft_of[j], ft_logits[j], ft_pred[j], cfg,
-                                  gen, keys)
+                                  gen, keys, steps)
             rows_q.append(q)
             rows_l += l
             rows_h += h
@@ -71,16 +72,18 @@ def _evaluate(model: Any, refs: _Refs, fts: list[Any], cfg: FineTuneConfig, *, g
 
 def _query_rows(refs: _Refs, b: int, zs_kv: tuple[Any, int], ft_run: tuple[Any, Any, int],
                 ft_logits: torch.Tensor, ft_pick: Any, cfg: FineTuneConfig,
-                gen: torch.Generator, keys: dict) -> tuple[dict, list[dict], list[dict]]:
+                gen: torch.Generator, keys: dict, steps: dict
+                ) -> tuple[dict, list[dict], list[dict]]:
     """Query ``b``'s per-query row, per-layer rows and per-head rows (``zs_kv``: the base
     model's zero-shot k/v record and this query's row in it; ``ft_run``: its fine-tune, the
-    fine-tuned model's zero-shot record and its row in it)."""
+    fine-tuned model's zero-shot record and its row in it; ``steps``: Kendall's scaled step
+    queries per fine-tune, filled on first use)."""
     pair, icl = refs.pairs[b], refs.icl
     ft, ftr, i = ft_run
     row = _query_row(keys, refs, b, ft, ft_logits, ft_pick)
     collapsed = row["ft_collapsed"]
     per_layer = _layer_similarities(refs, zs_kv, b, ftr, i, gen)
-    ken = _kendall_rows(refs, b, ft, ftr, i, cfg, gen, collapsed)
+    ken = _kendall_rows(refs, b, ft, ftr, i, cfg, gen, collapsed, steps)
     rows_l, rows_h = [], []
     for li, l in enumerate(icl.layers):
         rows_l.append({**keys, "query": pair.query, "layer": l,
@@ -204,11 +207,13 @@ def _layer_similarities(refs: _Refs, zs_kv: tuple[Any, int], b: int, ftr: Any, i
 
 
 def _kendall_rows(refs: _Refs, b: int, ft: Any, ftr: Any, i: int, cfg: FineTuneConfig,
-                  gen: torch.Generator, collapsed: bool) -> list[dict[str, float]]:
+                  gen: torch.Generator, collapsed: bool, steps: dict) -> list[dict[str, float]]:
     """Per layer: Kendall's tau between ICL's attention to the demonstration tokens and the
     fine-tune's (token and example level) with their uniform-random baselines; NaN where the
     fine-tune recorded no queries or diverged. Every layer is ranked at once; the baselines
-    are drawn layer by layer (token level, then example level)."""
+    are drawn layer by layer (token level, then example level). ``steps``: the fine-tunes'
+    step queries, scaled, by (fine-tune, k, BOS offset): the queries of one shared fine-tune
+    are concatenated and scaled once, not once per query."""
     pair, icl = refs.pairs[b], refs.icl
     L = len(icl.layers)
     names = ("Kendall", baseline_column("Kendall", "uniform_random"), "Kendall_example",
@@ -217,18 +222,23 @@ def _kendall_rows(refs: _Refs, b: int, ft: Any, ftr: Any, i: int, cfg: FineTuneC
         return [dict.fromkeys(names, float("nan")) for _ in range(L)]
     ken_pos, demo_lens = _kendall_positions(pair, cfg.loss_tokens)
     off = 1 if pair.spans.bos is not None else 0
-    q_steps = torch.cat([qs[:, off:] for qs in ft.step_queries[: pair.k]], 1)  # layer tok ...
-    s_demo = icl.at_pred("scores")[:, b][..., ken_pos]  # layer head demo_tok
     scale = torch.tensor([_scale(icl, li) for li in range(L)], dtype=torch.float64)
-    q_ft = ftr.at_pred("q")[:, i]  # layer head d_head
-    tok = M.kendall_weights(s_demo, q_steps, q_ft, scale=scale)
+    key = (id(ft), pair.k, off)
+    if key not in steps:  # layer tok head d_head; one fine-tune's at a time (per_query: many)
+        steps.clear()
+        steps[key] = M.scale_queries(
+            torch.cat([qs[:, off:] for qs in ft.step_queries[: pair.k]], 1), scale)
+    s_demo = icl.at_pred("scores")[:, b][..., ken_pos]  # layer head demo_tok
+    q_ft = M.scale_queries(ftr.at_pred("q")[:, i], scale)  # layer head d_head
+    tok = M.kendall_weights(s_demo, steps[key], q_ft, scale=None)
     ex = tuple(M.per_demonstration(w, demo_lens) for w in tok)  # = level="example"
     icl_w, ex_w = tok[0], ex[0]  # ICL's token and example weights, as the metric ranks them
     draws = [(_draw(torch.rand, icl_w[li], gen), _draw(torch.rand, ex_w[li], gen))
              for li in range(L)]
-    cols = (M.kendall_tau_rows(*tok), M.kendall_tau_rows(icl_w, torch.stack([d[0] for d in draws])),
-            M.kendall_tau_rows(*ex), M.kendall_tau_rows(ex_w, torch.stack([d[1] for d in draws])))
-    return [dict(zip(names, vals)) for vals in zip(*cols)]
+    # each test shares its ICL side's pair signs with its random baseline
+    token = M.kendall_tau_against(icl_w, [tok[1], torch.stack([d[0] for d in draws])])
+    example = M.kendall_tau_against(ex_w, [ex[1], torch.stack([d[1] for d in draws])])
+    return [dict(zip(names, vals)) for vals in zip(*token, *example)]
 
 
 def _draw(sample: Any, like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -82,31 +82,58 @@ def kendall_tau_rows(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     """:func:`kendall_tau` of each row of ``a`` (rows items) with the same row of ``b``, the
     rows counted together (a few rows at a time, so that the sign matrices stay near
     :data:`KENDALL_BLOCK` numbers)."""
-    a, b = a.double().cpu(), b.double().cpu()
-    if a.shape != b.shape or a.dim() != 2 or a.shape[1] < 2:
-        raise IclProbeError(f"kendall_tau_rows: need two (rows, items) tensors of one shape "
-                            f"with >= 2 items, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return kendall_tau_against(a, [b])[0]
+
+
+def kendall_tau_against(a: torch.Tensor, others: Sequence[torch.Tensor]) -> list[list[float]]:
+    """:func:`kendall_tau_rows` of ``a`` with each tensor of ``others`` (a measurement and its
+    baselines share one side): ``a``'s pair signs are computed once per block of rows."""
+    a = a.double().cpu()
+    others = [b.double().cpu() for b in others]
+    for b in others:
+        if a.shape != b.shape or a.dim() != 2 or a.shape[1] < 2:
+            raise IclProbeError(f"kendall_tau_rows: need two (rows, items) tensors of one "
+                                f"shape with >= 2 items, got {tuple(a.shape)} and "
+                                f"{tuple(b.shape)}")
     n = a.shape[1]
     if n > KENDALL_DIRECT_MAX:
-        out = [float(kendalltau(x.numpy(), y.numpy(), variant="b").statistic)
-               for x, y in zip(a, b)]
+        out = [[float(kendalltau(x.numpy(), y.numpy(), variant="b").statistic)
+                for x, y in zip(a, b)] for b in others]
     else:
-        out = []
+        out = [[] for _ in others]
         step = max(1, KENDALL_BLOCK // (n * n))
         for lo in range(0, a.shape[0], step):
             # the sign matrices are antisymmetric: sums over every pair count each one twice
-            dx, dy = _signs(a[lo: lo + step]), _signs(b[lo: lo + step])
-            num = (dx * dy).sum((1, 2), dtype=torch.int64).double()
-            den = ((dx != 0).sum((1, 2)) * (dy != 0).sum((1, 2))).double().sqrt()
-            out += (num / den).tolist()
-    constant = (a == a[:, :1]).all(1) | (b == b[:, :1]).all(1)
-    return [float("nan") if c else t for c, t in zip(constant.tolist(), out)]
+            x = a[lo: lo + step]
+            dx = _signs(x)
+            nx = _ordered_pairs(x, dx)
+            for col, b in zip(out, others):
+                y = b[lo: lo + step]
+                dy = _signs(y)
+                # |num| <= n^2 < 2^31 for n <= KENDALL_DIRECT_MAX: int32 sums are exact
+                num = (dx * dy).sum((1, 2), dtype=torch.int32).double()
+                col += (num / (nx * _ordered_pairs(y, dy)).double().sqrt()).tolist()
+    constant_a = (a == a[:, :1]).all(1)
+    return [[float("nan") if c else t
+             for c, t in zip((constant_a | (b == b[:, :1]).all(1)).tolist(), col)]
+            for b, col in zip(others, out)]
 
 
 def _signs(x: torch.Tensor) -> torch.Tensor:
     """sign(x_i − x_j) for every pair of each row (rows i j), as int8."""
-    return ((x[:, :, None] > x[:, None, :]).to(torch.int8)
-            - (x[:, :, None] < x[:, None, :]).to(torch.int8))
+    greater = (x[:, :, None] > x[:, None, :]).to(torch.int8)
+    return greater - greater.mT
+
+
+def _ordered_pairs(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """Per row, the number of (i, j) pairs with a nonzero sign (int64): n (n − 1) for a row
+    without ties, counted on the sign matrix for a row with ties (or NaNs)."""
+    n = x.shape[1]
+    out = torch.full((x.shape[0],), n * (n - 1), dtype=torch.int64)
+    tied = (x.sort(-1).values.diff(dim=-1) == 0).any(-1) | x.isnan().any(-1)
+    if tied.any():
+        out[tied] = (signs[tied] != 0).sum((1, 2))
+    return out
 
 
 KENDALL_DIRECT_MAX = 2048
@@ -139,11 +166,12 @@ def kendall_icl_ft(scores_icl: torch.Tensor, q_steps: torch.Tensor, q_ft: torch.
 
 
 def kendall_weights(scores_icl: torch.Tensor, q_steps: torch.Tensor, q_ft: torch.Tensor, *,
-                    scale: torch.Tensor, level: str = "token",
+                    scale: torch.Tensor | None, level: str = "token",
                     demo_lengths: Sequence[int] | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """The two weightings :func:`kendall_icl_ft` ranks, for many layers at once (a leading
-    ``layer`` axis on every argument; ``scale`` one factor per layer): ``(icl_w, ft_w)``,
+    ``layer`` axis on every argument; ``scale`` one factor per layer, or None where both
+    queries were already multiplied by it with :func:`scale_queries`): ``(icl_w, ft_w)``,
     each ``layer demo_tok`` (``layer demo`` at the example level), in float64."""
     if level not in KENDALL_LEVELS:
         raise IclProbeError(f"kendall_icl_ft(level={level!r}): expected one of {KENDALL_LEVELS}")
@@ -151,9 +179,8 @@ def kendall_weights(scores_icl: torch.Tensor, q_steps: torch.Tensor, q_ft: torch
         raise IclProbeError(f"kendall_icl_ft: {scores_icl.shape[-1]} ICL demonstration tokens "
                             f"but {q_steps.shape[1]} recorded FT queries")
     icl_w = torch.softmax(scores_icl.double().sum(1), -1)
-    sc = scale.double().to(q_steps.device)
-    q_steps = q_steps.double() * sc[:, None, None, None]
-    q_ft = q_ft.double() * sc[:, None, None]
+    if scale is not None:
+        q_steps, q_ft = scale_queries(q_steps, scale), scale_queries(q_ft, scale)
     ft_w = torch.softmax(einops.einsum(q_steps, q_ft, "layer tok head d_head, "
                                        "layer head d_head -> layer tok"), -1)
     if level == "example":
@@ -163,6 +190,13 @@ def kendall_weights(scores_icl: torch.Tensor, q_steps: torch.Tensor, q_ft: torch
         icl_w, ft_w = per_demonstration(icl_w, demo_lengths), per_demonstration(
             ft_w.to(icl_w.device), demo_lengths)
     return icl_w, ft_w
+
+
+def scale_queries(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Queries with a leading ``layer`` axis in float64, multiplied by each layer's attention
+    scale (``scale``: one factor per layer), as :func:`kendall_weights` ranks them."""
+    sc = scale.double().to(q.device)
+    return q.double() * sc.reshape(-1, *[1] * (q.dim() - 1))
 
 
 def per_demonstration(w: torch.Tensor, demo_lengths: Sequence[int]) -> torch.Tensor:
