@@ -42,15 +42,18 @@ bridge's split q/k/v maps (``transformer.h.0.attn.k.weight``), which its forward
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from ..errors import FineTuneError
-from ..hooks import logits_to_keep, query_capture_hooks
+from ..hooks import (check, fast_enabled, logits_to_keep, plain_attentions, plain_query_capture,
+                     query_capture_hooks)
+from ..models import unwrapped
 from ..prompts import PromptPair
-from .losses import _example_loss, _examples
+from .losses import _ce, _example_loss, _examples
 from .params import trainable_parameters, training
 from .result import FineTune, FineTunedModel
 from .settings import (COLLAPSE_STD, DIVERGENCE_FACTOR, METHODS, RISE_FACTOR, FineTuneConfig,
@@ -69,12 +72,16 @@ def finetune(
     loss_tokens: str = "demo",
     record_queries: bool = True,
     seed: int = 0,
+    fast: bool | None = None,
 ) -> FineTune:
     """Fine-tune on exactly ``pair``'s demonstrations; return the real deltas and a
     fine-tuned view of the model (see the module docstring for methods and parameter sets).
     The base model's parameters are restored exactly before returning. ``method`` may be a
     :class:`FineTuneConfig`, which then gives every setting (the keyword arguments it has must
-    be left at their defaults)."""
+    be left at their defaults). ``fast``: the steps run on the unwrapped Hugging Face model where
+    its queries can be recorded without the bridge (:func:`icl_probe.hooks.plain_attentions`),
+    its first forward checked against the bridge's (see :func:`_loss_function`); ``False``
+    (or ``ICL_PROBE_FAST=0``) runs every step through the bridge."""
     if isinstance(method, FineTuneConfig):
         cfg, default = method, FineTuneConfig()
         given = dict(params=params, lr=lr, steps=steps, epochs=epochs, loss_tokens=loss_tokens)
@@ -84,7 +91,7 @@ def finetune(
                                 "FineTuneConfig, not beside it")
         return finetune(model, pair, cfg.method, cfg.params, cfg.lr, steps=cfg.steps,
                         epochs=cfg.epochs, loss_tokens=cfg.loss_tokens,
-                        record_queries=record_queries, seed=seed)
+                        record_queries=record_queries, seed=seed, fast=fast)
     if method not in METHODS:
         raise FineTuneError(f"method={method!r}: expected one of {METHODS}")
     if not pair.spans.demos:
@@ -96,7 +103,7 @@ def finetune(
         raise FineTuneError(f"steps={steps!r}, epochs={epochs!r}: both must be integers >= 1 "
                             "(a fine-tune that trains nothing is almost always a mistake)")
     examples = _examples(pair, loss_tokens)
-    run = _train(model, pair, train, examples, method, lr, steps, epochs, record_queries)
+    run = _train(model, pair, train, examples, method, lr, steps, epochs, record_queries, fast)
     view = FineTunedModel(model, run["deltas"])
     reason = _divergence(view, pair, examples, method, run)
     ft = FineTune(deltas=run["deltas"], losses=run["losses"], diverged=reason is not None,
@@ -108,7 +115,7 @@ def finetune(
 
 def _train(model: Any, pair: PromptPair, train: dict[str, torch.nn.Parameter],
            examples: list, method: str, lr: float, steps: int, epochs: int,
-           record_queries: bool) -> dict[str, Any]:
+           record_queries: bool, fast: bool | None = None) -> dict[str, Any]:
     """The training loop: the trained parameters' deltas, the loss of each step, the queries
     each step saw, whether it stopped on a non-finite loss or parameter, and the example the
     rising-loss rule watches with its loss before any step. The base model's parameters are
@@ -116,9 +123,12 @@ def _train(model: Any, pair: PromptPair, train: dict[str, torch.nn.Parameter],
     run: dict[str, Any] = {"losses": [], "queries": [], "demo_of_step": [], "diverged": False,
                            "watched": 0, "first_before": None}
     q_store: list[torch.Tensor] = []
-    # the queries as the model uses them (after QK-norm and rotary)
-    qhooks = query_capture_hooks(model, q_store) if record_queries else []
-    with training(model, train) as saved:
+    # the queries as the model uses them (after QK-norm and rotary); full-batch GD records none
+    record_queries = record_queries and method != "batch"
+    canonical = sorted(range(len(examples)), key=lambda i: pair.demos[i])
+    first = examples[canonical[0] if method == "batch" else 0]  # the first forward's example
+    with training(model, train) as saved, _loss_function(model, method, q_store, record_queries,
+                                                         fast, first) as example_loss:
         plist = list(train.values())
         opt = torch.optim.Adam(plist, lr=lr) if method == "adam" else torch.optim.SGD(plist, lr=lr)
 
@@ -132,11 +142,10 @@ def _train(model: Any, pair: PromptPair, train: dict[str, torch.nn.Parameter],
             return not all(torch.isfinite(p).all() for p in plist)
 
         if method == "batch":
-            canonical = sorted(range(len(examples)), key=lambda i: pair.demos[i])
             run["watched"] = canonical[0]  # the rising-loss rule's example
             for _ in range(steps):
                 opt.zero_grad(set_to_none=True)
-                parts = [_example_loss(model, *examples[i], method, []) for i in canonical]
+                parts = [example_loss(*examples[i]) for i in canonical]
                 if run["first_before"] is None:
                     run["first_before"] = float(parts[0].detach())
                 if diverged := step(sum(parts) / len(examples)):
@@ -147,7 +156,7 @@ def _train(model: Any, pair: PromptPair, train: dict[str, torch.nn.Parameter],
                 for i, (ids, mask) in enumerate(examples):
                     opt.zero_grad(set_to_none=True)
                     q_store.clear()
-                    loss = _example_loss(model, ids, mask, method, qhooks)
+                    loss = example_loss(ids, mask)
                     if record_queries:
                         run["queries"].append(torch.stack(q_store))  # layer pos head d_head
                         run["demo_of_step"].append(i)
@@ -159,6 +168,53 @@ def _train(model: Any, pair: PromptPair, train: dict[str, torch.nn.Parameter],
         opt.zero_grad(set_to_none=True)  # the last step's gradients: not beside the deltas
         run["deltas"] = {n: (p.detach() - saved[n]) for n, p in train.items()}
     return run
+
+
+@contextlib.contextmanager
+def _loss_function(model: Any, method: str, q_store: list, record_queries: bool,
+                   fast: bool | None, first: tuple[torch.Tensor, torch.Tensor]
+                   ) -> Iterator[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """The loss of one example, as ``method`` trains it, appending each layer's queries to
+    ``q_store`` when ``record_queries``.
+
+    The fast path (not LCGD, whose loss reads the bridge's residual hooks; only where
+    :func:`plain_attentions` finds the layers) runs the unwrapped Hugging Face model
+    (:func:`icl_probe.models.unwrapped`): the same modules without the bridge's hook points,
+    about a quarter of a short example's forward on the embedded model. It checks itself on
+    every run: ``first``, the example its first forward sees, also runs through the bridge
+    (without gradients) before training, and the first forward's logits and queries must
+    match (:func:`icl_probe.hooks.check`)."""
+    qhooks = query_capture_hooks(model, q_store) if record_queries else []
+    attns = plain_attentions(model) if method != "lcgd" and fast_enabled(fast) else None
+    if attns is None:
+        yield lambda ids, mask: _example_loss(model, ids, mask, method, qhooks)
+        return
+    device = next(model.parameters()).device
+    with torch.no_grad(), model.hooks(fwd_hooks=qhooks):
+        reference = {"logits": model(first[0][None].to(device))[0]}
+    if record_queries:
+        reference["queries"] = torch.stack(q_store)
+        q_store.clear()
+    pending = [reference]
+
+    def loss(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ids, mask = ids.to(device), mask.to(device)
+        logits = hf(input_ids=ids[None], use_cache=False).logits[0]
+        if pending:
+            ref = pending.pop()
+            if not torch.equal(ids, first[0].to(device)):
+                raise FineTuneError("internal: the fast fine-tune's check saw another example")
+            got = {"logits": logits.detach()}
+            if record_queries:
+                got["queries"] = torch.stack(q_store)
+            check("fine-tune on the unwrapped model", {k: (got[k], ref[k]) for k in ref},
+                  logits.dtype)
+        return _ce(logits, ids, mask)
+
+    capture = (plain_query_capture(model, q_store, attns) if record_queries
+               else contextlib.nullcontext())
+    with unwrapped(model) as hf, capture:
+        yield loss
 
 
 def _divergence(view: FineTunedModel, pair: PromptPair, examples: list, method: str,

@@ -14,7 +14,8 @@ descent (docs/architecture.md). The quantities and their hooks: :mod:`icl_probe.
 torch.Size([1, 1, 4, 12])
 """
 
-from .capture import hook_names, logits_to_keep, query_capture_hooks
+from .capture import (hook_names, logits_to_keep, plain_attentions, plain_query_capture,
+                      query_capture_hooks)
 from .gqa import expand_kv, group_mapping, grouped_einsum, n_kv_heads
 from .patching import PATCH_MODES, Patch, patching
 from .prefix import shared_prefix_length, trace_shared_prefix
@@ -22,16 +23,17 @@ from .quantities import DERIVED, EXTRA, HOOKS, QUANTITIES, REGISTRY, Quantity, f
 from .record import (RECORD_FORMAT, AttentionRecord, check_batch_size, compact, in_order,
                      load_record, model_record, pad_stack, pad_to, resolve_layers)
 from .scoring import answer_logprobs, predictions
-from .selfcheck import FAST_ENV, fast_enabled, stack_versions
+from .selfcheck import FAST_ENV, check, fast_enabled, stack_versions
 from .tracing import PositionSpec, trace
 from .weights import attention_weights, clear_weight_cache
 
 __all__ = [
     "AttentionRecord", "DERIVED", "EXTRA", "FAST_ENV", "HOOKS", "PATCH_MODES", "Patch",
     "PositionSpec", "QUANTITIES", "Quantity", "RECORD_FORMAT", "REGISTRY", "fired_hooks",
-    "answer_logprobs", "attention_weights", "check_batch_size", "clear_weight_cache",
+    "answer_logprobs", "attention_weights", "check", "check_batch_size", "clear_weight_cache",
     "compact", "expand_kv", "fast_enabled", "group_mapping", "grouped_einsum", "hook_names",
     "in_order", "load_record", "logits_to_keep", "model_record", "n_kv_heads", "pad_stack",
-    "pad_to", "patching", "predictions", "query_capture_hooks", "resolve_layers",
+    "pad_to", "patching", "plain_attentions", "plain_query_capture", "predictions",
+    "query_capture_hooks", "resolve_layers",
     "shared_prefix_length", "stack_versions", "trace", "trace_shared_prefix",
 ]

@@ -4,9 +4,10 @@ models need it, q, k and scores completed after the forward (the quantities them
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import einops
 import torch
@@ -266,6 +267,59 @@ def query_capture_hooks(model: Any, store: list[torch.Tensor]) -> list[tuple[str
                       (f"blocks.{l}.attn.hook_cos", lambda x, hook=None, k=keep: k(x, key="cos")),
                       (f"blocks.{l}.attn.hook_sin", done)]
     return hooks
+
+
+def plain_attentions(model: Any) -> list[torch.nn.Module] | None:
+    """Each layer's Hugging Face attention module, where :func:`plain_query_capture` can
+    record its queries without the bridge (rotate-half rotary over the whole head, no QK-norm,
+    a ``q_proj`` linear map and the rotary phases passed to the attention as
+    ``position_embeddings``: Llama, Mistral, Qwen2 and their kin); None elsewhere."""
+    spec = attention_spec(model)
+    if (spec.qk_norm is not None or spec.rotary_from not in ("hooks", "phases")
+            or spec.convention != "rotate_half" or spec.rotary_pct != 1.0):
+        return None
+    attns = [getattr(model.blocks[l].attn, "original_component", None)
+             for l in range(model.cfg.n_layers)]
+    for a in attns:
+        q = getattr(a, "q_proj", None)
+        if not isinstance(getattr(q, "original_component", q), torch.nn.Linear) or \
+                "position_embeddings" not in inspect.signature(a.forward).parameters:
+            return None
+    return attns
+
+
+@contextlib.contextmanager
+def plain_query_capture(model: Any, store: list[torch.Tensor],
+                        attns: list[torch.nn.Module]) -> Iterator[None]:
+    """:func:`query_capture_hooks` for a forward of the unwrapped model
+    (:func:`icl_probe.models.bridge.unwrapped`, which no bridge hook sees): plain PyTorch
+    hooks append each layer's first-prompt queries after rotary (pos head d_head, detached),
+    the projection's output rotated with the phases the layer received. Only where
+    :func:`plain_attentions` finds the layers; its caller checks the result against the
+    bridge's. ``attns``: :func:`plain_attentions`, found before the model was unwrapped."""
+    spec, d_head = attention_spec(model), model.cfg.d_head
+    phases: list = []
+
+    def keep(module: Any, args: tuple, kwargs: dict) -> None:
+        got = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
+        if got is None:
+            raise TraceError("plain_query_capture(): the attention received no rotary phases")
+        phases[:] = [got]
+
+    def rotated(module: Any, args: tuple, out: torch.Tensor) -> None:
+        cos, sin = phases[0]
+        q = out[0].detach().reshape(out.shape[1], -1, d_head)  # pos head d_head
+        store.append(rotate_like_model(spec, q, cos[0][:, None], sin[0][:, None]))
+
+    handles = []
+    try:
+        for a in attns:
+            handles.append(a.register_forward_pre_hook(keep, with_kwargs=True))
+            handles.append(a.q_proj.register_forward_hook(rotated))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def logits_to_keep(model: Any, last: torch.Tensor) -> tuple[torch.Tensor, dict]:

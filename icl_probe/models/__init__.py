@@ -9,7 +9,7 @@ icl-probe (docs/architecture.md).
 from .architectures import (AttentionSpec, allowed_keys, attention_pattern, attention_scores,
                             attention_spec, check_layer, live_hooks, supported_architectures)
 from .baselines import untrained_copy
-from .bridge import ModelInfo, model_info
+from .bridge import ModelInfo, model_info, unwrapped
 from .cache import (CACHE_ENV, EMBEDDED_DIST, EMBEDDED_LABEL, GGUF_READ_ERRORS, cache_dir,
                     cached_gguf_dir, embedded_gguf_path, gguf_cache_path, unreadable_gguf,
                     verify_cache)
@@ -25,7 +25,7 @@ __all__ = [
     "attention_scores", "attention_spec", "available_devices", "available_memory",
     "byte_tokenizer", "cache_dir", "cached_gguf_dir", "check_layer", "check_memory",
     "default_device", "embedded_gguf_path", "gguf_cache_path", "hub_snapshot", "live_hooks",
-    "load_model", "model_info", "model_key", "model_layers", "model_shape",
+    "load_model", "model_info", "model_key", "model_layers", "model_shape", "unwrapped",
     "refuse_remote_code", "remote_code", "resolve_dtype", "supported_architectures",
     "tiny_hf_model", "tiny_model", "unreadable_gguf", "untrained_copy", "verify_cache",
 ]

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 
 from ..errors import ModelLoadError
 from .architectures import check_bridgeable, fill_architectures
@@ -74,3 +76,32 @@ def model_info(model: Any) -> ModelInfo:
             )
         info = ModelInfo("memory", type(model).__name__, None, _uses_bos(tok))
     return info
+
+
+@contextlib.contextmanager
+def unwrapped(model: Any) -> Iterator[torch.nn.Module]:
+    """The Hugging Face model under a bridge, run as plain ``transformers``: every bridge
+    component in its module tree is swapped for the module it wraps, and put back on exit
+    (also on error). The parameters are the same tensors, so training it trains the bridge.
+    A forward gives the bridge's outputs bit for bit (the bridge runs the wrapped modules'
+    own forwards, with eager attention) without its hook points' per-module cost; callers
+    that rely on that check it (:func:`icl_probe.gd.finetune`). No bridge hook fires inside."""
+    root = model.original_model
+    swapped: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+    try:
+        stack = [root]
+        while stack:
+            parent = stack.pop()
+            for name, child in list(parent._modules.items()):
+                inner = getattr(child, "original_component", None) \
+                    if isinstance(child, GeneralizedComponent) else None
+                if isinstance(inner, torch.nn.Module):
+                    swapped.append((parent, name, child))
+                    parent._modules[name] = inner
+                    child = inner
+                if child is not None:
+                    stack.append(child)
+        yield root
+    finally:
+        for parent, name, child in reversed(swapped):
+            parent._modules[name] = child

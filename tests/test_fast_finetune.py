@@ -1,0 +1,104 @@
+"""The fine-tune's fast path (steps on the unwrapped Hugging Face model, queries recorded by
+plain PyTorch hooks) against the bridge's steps, its self-check, and where it applies."""
+
+import pytest
+import torch
+
+import icl_probe as ip
+from icl_probe.errors import FastPathError
+from icl_probe.gd import training
+from icl_probe.hooks import plain_attentions
+from icl_probe.hooks.selfcheck import PASSED
+from icl_probe.models import unwrapped
+
+PATH = "fine-tune on the unwrapped model"
+
+
+def _both(model, pair, method, **kw):
+    before = PASSED.get(PATH, 0)
+    fast = ip.finetune(model, pair, method, lr=1e-2, fast=True, **kw)
+    checked = PASSED.get(PATH, 0) - before
+    slow = ip.finetune(model, pair, method, lr=1e-2, fast=False, **kw)
+    return fast, slow, checked
+
+
+@pytest.mark.parametrize("method", ["dai", "batch", "adam"])
+def test_fast_fine_tune_equals_the_bridge_bit_for_bit(embedded, method):
+    """Losses, deltas and the recorded queries, on the embedded model (float32): the same
+    modules run in the same order, so equal to the last bit, not to a tolerance."""
+    pair = ip.build_prompt(embedded, "sentiment", query=0, k=3)
+    fast, slow, checked = _both(embedded, pair, method)
+    assert checked == 1  # the fast path ran, and checked itself once
+    assert fast.losses == slow.losses
+    assert fast.deltas.keys() == slow.deltas.keys()
+    assert all(torch.equal(fast.deltas[n], slow.deltas[n]) for n in slow.deltas)
+    assert len(fast.step_queries) == len(slow.step_queries) == (3 if method != "batch" else 0)
+    for a, b in zip(fast.step_queries, slow.step_queries):
+        assert a.shape == b.shape and (a - b).abs().max() <= 1e-6 * b.abs().max()
+
+
+def test_fast_fine_tune_on_a_tiny_float64_model(tiny64):
+    pair = ip.build_prompt(tiny64, "capital", query=1, k=2)
+    fast, slow, checked = _both(tiny64, pair, "dai", params="qkvo")
+    assert checked == 1 and fast.losses == slow.losses
+    assert all(torch.equal(fast.deltas[n], slow.deltas[n]) for n in slow.deltas)
+    for a, b in zip(fast.step_queries, slow.step_queries):
+        assert (a - b).abs().max() <= 1e-12 * b.abs().max()
+
+
+def test_the_bridge_is_whole_after_a_fast_fine_tune_even_on_error(tiny64):
+    pair = ip.build_prompt(tiny64, "capital", query=1, k=2)
+    with torch.inference_mode():
+        before = tiny64(pair.icl_ids[None])
+    names = [n for n, _ in tiny64.named_modules()]
+    with pytest.raises(RuntimeError, match="inside"):
+        with unwrapped(tiny64) as hf:
+            assert not any("Bridge" in type(m).__name__ for m in hf.modules())
+            raise RuntimeError("inside")
+    ip.finetune(tiny64, pair, "dai", lr=1e-2)
+    assert [n for n, _ in tiny64.named_modules()] == names
+    with torch.inference_mode():
+        assert torch.equal(tiny64(pair.icl_ids[None]), before)
+
+
+def test_a_fast_path_that_drifts_raises(tiny64, monkeypatch):
+    """A stand-in for a release where the unwrapped model no longer computes what the bridge
+    does: the fine-tune refuses to go on, naming the way to the slow path."""
+    pair = ip.build_prompt(tiny64, "capital", query=1, k=2)
+    real = training.unwrapped
+
+    class Drifted(torch.nn.Module):
+        def __init__(self, hf):
+            super().__init__()
+            self.hf = hf
+
+        def forward(self, **kw):
+            out = self.hf(**kw)
+            out.logits = out.logits * 1.01
+            return out
+
+    def drifted(model):
+        cm = real(model)
+        hf = cm.__enter__()
+        try:
+            yield Drifted(hf)
+        finally:
+            cm.__exit__(None, None, None)
+
+    monkeypatch.setattr(training, "unwrapped", __import__("contextlib").contextmanager(drifted))
+    with pytest.raises(FastPathError, match="fast=False"):
+        ip.finetune(tiny64, pair, "dai", lr=1e-2)
+    ft = ip.finetune(tiny64, pair, "dai", lr=1e-2, fast=False)  # the slow path still runs
+    assert len(ft.losses) == 2
+
+
+def test_families_without_plain_queries_take_the_bridge():
+    """QK-norm (Gemma 3) and fused projections (GPT-NeoX) keep the bridge's steps."""
+    for arch in ("gemma3", "neox"):
+        model = ip.tiny_model(arch, seed=1, n_layers=2)
+        assert plain_attentions(model) is None
+        pair = ip.build_prompt(model, "capital", query=1, k=2)
+        before = PASSED.get(PATH, 0)
+        ft = ip.finetune(model, pair, "dai", lr=1e-2)
+        assert PASSED.get(PATH, 0) == before and len(ft.losses) == 2
+    assert plain_attentions(ip.tiny_model(seed=1, n_layers=2)) is not None
