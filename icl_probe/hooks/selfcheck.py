@@ -1,6 +1,7 @@
 """Fast paths that check themselves against the slow exact path, on every call.
 
-A shortcut (the shared-prefix trace, answer scoring on a key/value cache) relies on internals
+A shortcut (the shared-prefix trace, answer scoring on a key/value cache, fine-tune steps on
+the unwrapped Hugging Face model) relies on internals
 of transformers and TransformerLens that a release can change without an error: transformers
 5.24 renamed the cache argument and the shared-prefix trace went 74 % off while every run
 completed. So each call of a fast path also computes one of its prompts the slow way, in the
