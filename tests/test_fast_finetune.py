@@ -1,6 +1,8 @@
 """The fine-tune's fast path (steps on the unwrapped Hugging Face model, queries recorded by
 plain PyTorch hooks) against the bridge's steps, its self-check, and where it applies."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -85,7 +87,7 @@ def test_a_fast_path_that_drifts_raises(tiny64, monkeypatch):
         finally:
             cm.__exit__(None, None, None)
 
-    monkeypatch.setattr(training, "unwrapped", __import__("contextlib").contextmanager(drifted))
+    monkeypatch.setattr(training, "unwrapped", contextlib.contextmanager(drifted))
     with pytest.raises(FastPathError, match="fast=False"):
         ip.finetune(tiny64, pair, "dai", lr=1e-2)
     ft = ip.finetune(tiny64, pair, "dai", lr=1e-2, fast=False)  # the slow path still runs

@@ -315,7 +315,8 @@ def plain_query_capture(model: Any, store: list[torch.Tensor],
     try:
         for a in attns:
             handles.append(a.register_forward_pre_hook(keep, with_kwargs=True))
-            handles.append(a.q_proj.register_forward_hook(rotated))
+            q_proj = getattr(a.q_proj, "original_component", a.q_proj)  # wrapped or not
+            handles.append(q_proj.register_forward_hook(rotated))
         yield
     finally:
         for h in handles:
