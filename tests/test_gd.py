@@ -127,6 +127,29 @@ def test_divergence_is_recorded_not_raised(tiny, pair):
         not all(map(lambda x: x == x and abs(x) != float("inf"), runs[1].losses))
 
 
+def test_the_finiteness_check_sees_one_bad_element_and_survives_overflowing_sums():
+    from icl_probe.gd.training import all_finite
+    big = torch.full((1000,), 3e38)  # finite, but its sum overflows float32
+    assert all_finite([big, torch.zeros(3)]) and all_finite([-big, big])
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        t = torch.ones(500)
+        t[317] = bad
+        assert not all_finite([torch.zeros(4), t]), bad
+        assert not all_finite([big, t.to(torch.bfloat16)]), bad
+    inf_pair = torch.tensor([float("inf"), float("-inf")])  # sums to NaN
+    assert not all_finite([inf_pair])
+
+
+def test_finetune_leaves_the_model_in_eval_mode(tiny, pair):
+    tiny.train()
+    try:
+        ip.finetune(tiny, pair, method="dai", params="kv", lr=1e-2)
+        assert not any(m.training for m in tiny.modules())
+        assert not any(m.training for m in tiny.original_model.modules())
+    finally:
+        tiny.eval()
+
+
 def test_deterministic_and_parameter_sets(tiny, pair):
     a = ip.finetune(tiny, pair, method="adam", params="qkvo", lr=1e-3, seed=3)
     b = ip.finetune(tiny, pair, method="adam", params="qkvo", lr=1e-3, seed=3)

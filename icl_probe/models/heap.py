@@ -2,14 +2,15 @@
 default raises its mmap threshold as large blocks are freed (up to 32 MiB on 64-bit), so the
 many medium tensors a run frees stay in the heap and its peak RSS grows past what it holds.
 
-:func:`return_freed_memory` fixes the threshold at 4 MiB: every tensor above it gets its own
+:func:`return_freed_memory` fixes the threshold at 2 MiB: every tensor above it gets its own
 mapping, returned to the system when freed, while the many small temporaries stay in the heap
 and are reused. The lower the threshold, the lower the peak and the more page faults. Measured
 on this 2-core CPU (BENCHMARKS.md, 2026-12-05), a small Dai table on the embedded model (the
 plan-vs-peak test's): peak 1.53 GB and 40 s with glibc's defaults; 1.41 GB and 48 s at 128 KiB;
 1.44-1.47 GB and 41 s at 4 MiB; 1.58 GB at 16 MiB. ``icl_vs_gd.toml`` at 128 KiB: 2.80 GB
 against 3.19 GB, but 25 min 29 s against 18 min 29 s (500 s of system time against 52 s): too
-dear, hence 4 MiB.
+dear. At 4 MiB it peaked at 3.06 GB (over its 3 GB target), at 2 MiB at 2.91 GB in 16 min 23 s;
+``default.toml`` at 2 MiB: 2.50 GB in 4 min 02 s (4 min 20 s at 4 MiB). Hence 2 MiB.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 import sys
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-MMAP_THRESHOLD = 4 * 1024 * 1024
+MMAP_THRESHOLD = 2 * 1024 * 1024
 HEAP_ENV = "ICL_PROBE_HEAP"
 
 
