@@ -104,3 +104,28 @@ def test_families_without_plain_queries_take_the_bridge():
         ft = ip.finetune(model, pair, "dai", lr=1e-2)
         assert PASSED.get(PATH, 0) == before and len(ft.losses) == 2
     assert plain_attentions(ip.tiny_model(seed=1, n_layers=2)) is not None
+
+
+@pytest.mark.parametrize("method", ["dai", "batch"])
+def test_the_fast_final_pass_equals_the_fine_tuned_views_two_forwards(embedded, method,
+                                                                      monkeypatch):
+    """The divergence rules' inputs (the watched example's loss after training, the zero-shot
+    logits at p) come from one padded forward of the unwrapped model on the fast path; the
+    bridge's path runs the fine-tuned view on each alone. Both are computed here, the second
+    independently through the bridge and the view's patching."""
+    pair = ip.build_prompt(embedded, "sentiment", query=0, k=3)
+    train = ip.gd.trainable_parameters(embedded, "kv")
+    examples = training._examples(pair, "demo")
+    run = training._train(embedded, pair, train, examples, method, 1e-2, 1, 1, True, True)
+    loss, zs = run["final"]
+    view = ip.gd.FineTunedModel(embedded, run["deltas"])
+    want_loss = training._final_loss(view, *examples[run["watched"]], method)
+    want_zs = training._zero_shot_logits(view, pair)
+    # float32 kernels of another shape (the padded batch): ~1e-6 here; a wrong mask or position
+    # would move them by far more
+    assert abs(loss - want_loss) <= 1e-4 * abs(want_loss)
+    assert (zs - want_zs).abs().max() <= 1e-4 * want_zs.abs().max()
+    # and finetune() reads them instead of running the view
+    for name in ("_final_loss", "_zero_shot_logits"):
+        monkeypatch.setattr(training, name, lambda *a, **k: pytest.fail("ran the view"))
+    assert not ip.finetune(embedded, pair, method, lr=1e-2, fast=True).diverged

@@ -1,9 +1,9 @@
 """Confidence intervals and verdicts for the comparison tables.
 
 Every number the comparison reports carries a 95 % bootstrap interval over its queries
-(:func:`bootstrap_ci`, :func:`scipy.stats.bootstrap`), and every similarity is set against each
-of its baselines through the interval of the paired difference (:func:`paired_difference`):
-the same queries, both runs, resampled together. :func:`verdict` reads that interval:
+(:func:`bootstrap_ci`: :func:`scipy.stats.bootstrap`'s interval), and every similarity is set
+against each of its baselines through the interval of the paired difference
+(:func:`paired_difference`): the same queries, both runs, resampled together. :func:`verdict` reads that interval:
 ``"beats baseline"`` only when it lies above 0.
 
 >>> import numpy as np
@@ -19,11 +19,10 @@ True
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable
 
 import numpy as np
-from scipy import stats as _st
+from scipy import special as _sp
 
 CONFIDENCE = 0.95
 N_RESAMPLES = 2000
@@ -42,23 +41,76 @@ def bootstrap_ci(values: np.ndarray, statistic: Callable = np.mean, *, seed: int
                  method: str = "BCa") -> tuple[float, float]:
     """Bootstrap interval of ``statistic`` over ``values`` (NaNs dropped). A statistic must
     accept ``axis=`` (NumPy reductions do). Fewer than two values: ``(nan, nan)``; values all
-    equal: the degenerate interval ``(v, v)``."""
+    equal: the degenerate interval ``(v, v)``. ``method``: ``"BCa"`` or ``"percentile"``.
+
+    The interval is :func:`scipy.stats.bootstrap`'s, bit for bit (the same resamples from
+    ``numpy.random.default_rng(seed)``, the same BCa levels, the same linear quantile; a test
+    holds the two equal), computed here without SciPy's input handling, which cost three
+    quarters of each of the ~200 intervals of a comparison (0.24 s of compare() on the
+    embedded model)."""
     (x,) = _finite_rows(values)
     if len(x) < 2:
         return float("nan"), float("nan")
     if np.all(x == x[0]):
         v = float(statistic(x, axis=-1))
         return v, v
-    with warnings.catch_warnings():  # a degenerate BCa falls back to percentile below
-        warnings.simplefilter("ignore")
-        res = _st.bootstrap((x,), _order_free(statistic), confidence_level=confidence,
-                            n_resamples=n_resamples, method=method, vectorized=True,
-                            random_state=np.random.default_rng(seed))
-    lo, hi = res.confidence_interval
-    if not (np.isfinite(lo) and np.isfinite(hi)) and method != "percentile":
+    if method.lower() not in ("bca", "percentile"):
+        raise ValueError(f"method={method!r}: expected 'BCa' or 'percentile'")
+    stat = _order_free(statistic)
+    rng = np.random.default_rng(seed)
+    theta_b = stat(x[rng.integers(0, len(x), (n_resamples, len(x)))], axis=-1)
+    alpha = (1 - confidence) / 2
+    with np.errstate(all="ignore"):  # a degenerate BCa falls back to percentile below
+        if method.lower() == "bca":
+            levels = _bca_levels(x, stat, theta_b, alpha)
+        else:
+            levels = np.stack([np.asarray(alpha), 1 - np.asarray(alpha)])
+        lo, hi = _quantile(theta_b, levels)
+    if not (np.isfinite(lo) and np.isfinite(hi)) and method.lower() != "percentile":
         return bootstrap_ci(x, statistic, seed=seed, confidence=confidence,
                             n_resamples=n_resamples, method="percentile")
     return float(lo), float(hi)
+
+
+def _bca_levels(x: np.ndarray, stat: Callable, theta_b: np.ndarray, alpha: float
+                ) -> np.ndarray:
+    """The bias-corrected and accelerated quantile levels of the bootstrap distribution
+    ``theta_b`` (Efron and Tibshirani 1993, 14.3; the acceleration from the jackknife), in
+    the order of operations SciPy uses, so that the levels are its bits."""
+    theta_hat = np.expand_dims(stat(x, axis=-1), -1)
+    below = np.count_nonzero(theta_b < theta_hat, axis=-1) + \
+        np.count_nonzero(theta_b <= theta_hat, axis=-1)
+    z0 = _sp.ndtri(np.asarray(below.astype(theta_hat.dtype) / (2 * theta_b.shape[-1]),
+                              dtype=theta_hat.dtype))
+    n = len(x)
+    keep = ~np.eye(n, dtype=bool)  # jackknife: row i leaves out observation i
+    theta_i = stat(x[np.broadcast_to(np.arange(n), (n, n))[keep].reshape(n, n - 1)], axis=-1)
+    u = (float(n) - 1) * (np.mean(theta_i, axis=-1, keepdims=True) - theta_i)
+    num, den = np.sum(u ** 3, axis=-1) / float(n) ** 3, np.sum(u ** 2, axis=-1) / float(n) ** 2
+    a_hat = 1 / 6 * num / den ** (3 / 2)
+    z_alpha = float(_sp.ndtri(alpha))
+    levels = []
+    for z in (z_alpha, -z_alpha):
+        step = z0 + z
+        levels.append(_sp.ndtr(z0 + step / (1 - a_hat * step)))
+    return np.stack(levels, axis=-1)
+
+
+def _quantile(sorted_or_not: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Hyndman and Fan's type-7 ("linear") quantiles ``p`` of a 1-D sample, computed as
+    :func:`scipy.stats.quantile` computes them (NaN for a level that is NaN or outside
+    [0, 1])."""
+    y = np.sort(sorted_or_not)
+    n = np.asarray(float(len(y)))
+    bad = np.isnan(p) | (p < 0) | (p > 1)
+    p = np.where(bad, 0.5, p)
+    jg = p * n + (1 - p)
+    jp1 = jg // 1
+    j = jp1 - 1
+    g = np.where(j < 0, 0.0, jg % 1)
+    j, jp1 = np.clip(j, 0.0, n - 1), np.clip(jp1, 0.0, n - 1)
+    out = (1 - g) * y[j.astype(np.int64)] + g * y[jp1.astype(np.int64)]
+    return np.where(bad, np.nan, out)
 
 
 def _order_free(statistic: Callable) -> Callable:

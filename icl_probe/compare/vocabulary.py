@@ -39,7 +39,9 @@ ICL_WHAT = ("scores", "attn_out")
 ZS_BATCH = 32  # zero-shot prompts are short: larger batches cost little memory
 
 
-EVAL_CHUNK = 16  # queries whose fine-tuned and zero-shot traces an evaluation holds at once
+EVAL_CHUNK = ZS_BATCH  # queries whose fine-tuned and zero-shot traces an evaluation holds at
+# once: one zero-shot batch of the fine-tuned model per chunk (a forward streams the weights, so
+# on a CPU two half batches cost nearly twice one)
 
 
 ZS_WHAT = ("q", "k", "v", "scores", "attn_out")  # a fine-tuned model's zero-shot trace

@@ -128,7 +128,7 @@ def _train(model: Any, pair: PromptPair, train: dict[str, torch.nn.Parameter],
     canonical = sorted(range(len(examples)), key=lambda i: pair.demos[i])
     first = examples[canonical[0] if method == "batch" else 0]  # the first forward's example
     with training(model, train) as saved, _loss_function(model, method, q_store, record_queries,
-                                                         fast, first) as example_loss:
+                                                         fast, first) as (example_loss, final):
         plist = list(train.values())
         opt = torch.optim.Adam(plist, lr=lr) if method == "adam" else torch.optim.SGD(plist, lr=lr)
 
@@ -166,6 +166,8 @@ def _train(model: Any, pair: PromptPair, train: dict[str, torch.nn.Parameter],
                     break
         run["diverged"] = diverged
         opt.zero_grad(set_to_none=True)  # the last step's gradients: not beside the deltas
+        if final is not None and not diverged:  # the divergence rules' inputs, trained weights
+            run["final"] = final(*examples[run["watched"]], pair.zs_ids)
         run["deltas"] = {n: (p.detach() - saved[n]) for n, p in train.items()}
     return run
 
@@ -185,9 +187,11 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
 @contextlib.contextmanager
 def _loss_function(model: Any, method: str, q_store: list, record_queries: bool,
                    fast: bool | None, first: tuple[torch.Tensor, torch.Tensor]
-                   ) -> Iterator[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+                   ) -> Iterator[tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                                       Callable | None]]:
     """The loss of one example, as ``method`` trains it, appending each layer's queries to
-    ``q_store`` when ``record_queries``.
+    ``q_store`` when ``record_queries``; and, on the fast path, :func:`_final_pass` of the
+    unwrapped model (None on the bridge's, where :func:`_divergence` runs the fine-tuned view).
 
     The fast path (not LCGD, whose loss reads the bridge's residual hooks; only where
     :func:`plain_attentions` finds the layers) runs the unwrapped Hugging Face model
@@ -200,7 +204,7 @@ def _loss_function(model: Any, method: str, q_store: list, record_queries: bool,
     qhooks = query_capture_hooks(model, q_store) if record_queries else []
     attns = plain_attentions(model) if method != "lcgd" and fast_enabled(fast) else None
     if attns is None:
-        yield lambda ids, mask: _example_loss(model, ids, mask, method, qhooks)
+        yield (lambda ids, mask: _example_loss(model, ids, mask, method, qhooks)), None
         return
     device = next(model.parameters()).device
     with torch.no_grad(), model.hooks(fwd_hooks=qhooks):
@@ -227,7 +231,29 @@ def _loss_function(model: Any, method: str, q_store: list, record_queries: bool,
     capture = (plain_query_capture(model, q_store, attns) if record_queries
                else contextlib.nullcontext())
     with unwrapped(model) as hf, capture:
-        yield loss
+        yield loss, lambda ids, mask, zs_ids: _final_pass(hf, ids, mask, zs_ids, q_store)
+
+
+def _final_pass(hf: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                zs_ids: torch.Tensor, q_store: list) -> tuple[float, torch.Tensor]:
+    """The watched example's loss and the zero-shot prompt's logits at its prediction position,
+    with the weights the model holds (the trained ones, before the restore): one no-grad forward
+    of the unwrapped model on both, right-padded (the causal mask keeps each row's real positions
+    to its own tokens). The divergence rules read them (:func:`_divergence`); on the bridge's
+    path they are two forwards of the fine-tuned view, :func:`_final_loss` and
+    :func:`_zero_shot_logits`, which the fast-path tests hold this to."""
+    device = next(hf.parameters()).device
+    seqs = [ids, zs_ids]
+    batch = torch.zeros(2, max(len(x) for x in seqs), dtype=torch.long)
+    attn = torch.zeros_like(batch)
+    for r, x in enumerate(seqs):
+        batch[r, : len(x)], attn[r, : len(x)] = x, 1
+    with torch.inference_mode():
+        logits = hf(input_ids=batch.to(device), attention_mask=attn.to(device),
+                    use_cache=False).logits
+    q_store.clear()  # what the query hooks recorded of this forward: no step's
+    return float(_ce(logits[0, : len(ids)], ids.to(device), mask.to(device))), \
+        logits[1, len(zs_ids) - 1]
 
 
 def _divergence(view: FineTunedModel, pair: PromptPair, examples: list, method: str,
@@ -238,7 +264,8 @@ def _divergence(view: FineTunedModel, pair: PromptPair, examples: list, method: 
     losses = run["losses"]
     if run["diverged"]:
         return "non-finite loss or parameter"
-    if is_collapsed(_zero_shot_logits(view, pair)):
+    final = run.get("final")  # the fast path's one forward of both (see _final_pass)
+    if is_collapsed(final[1] if final else _zero_shot_logits(view, pair)):
         return (f"collapsed output: the fine-tuned logits at p on the zero-shot prompt vary "
                 f"by less than {COLLAPSE_STD:g} (std over the vocabulary)")
     if len(losses) > 1 and losses[-1] > DIVERGENCE_FACTOR * losses[0]:
@@ -250,7 +277,7 @@ def _divergence(view: FineTunedModel, pair: PromptPair, examples: list, method: 
         return None
     before = losses[0] if run["first_before"] is None else run["first_before"]
     watched = run["watched"]
-    after = _final_loss(view, *examples[watched], method)
+    after = final[0] if final else _final_loss(view, *examples[watched], method)
     if not after <= RISE_FACTOR * before:
         return (f"loss rose on a trained example: demonstration {watched}'s loss is "
                 f"{after:.3g} after training, {before:.3g} before (> {RISE_FACTOR:g}x)")
