@@ -81,6 +81,29 @@ def test_kendall_against_many_shares_one_side_and_counts_ties():
             assert (math.isnan(ref) and math.isnan(col[r])) or abs(col[r] - ref) < TOL, r
 
 
+def test_kendall_counts_inversions_on_long_rows_to_the_last_bit():
+    """From KENDALL_PAIRS_MIN items, rows without ties count discordant pairs as inversions;
+    rows with ties (on either side) or NaNs keep the sign matrices. Both against explicit pair
+    counting, and the untied rows bit for bit against the sign-matrix count."""
+    g = torch.Generator().manual_seed(4)
+    n = C.KENDALL_PAIRS_MIN + 9
+    a = torch.rand(5, n, generator=g, dtype=torch.float64)
+    a[1, :4] = 0.25  # ties on the shared side
+    others = [torch.rand(5, n, generator=g, dtype=torch.float64) for _ in range(2)]
+    others[0][2, 7] = others[0][2, 9]  # a tie on one other side only
+    others[1][3, 5] = float("nan")
+    got = C.kendall_tau_against(a, others)
+    for b, col in zip(others, got):
+        dx, dy = C._signs(a), C._signs(b)
+        signs = ((dx * dy).sum((1, 2), dtype=torch.int32).double()
+                 / (C._ordered_pairs(a, dx) * C._ordered_pairs(b, dy)).double().sqrt())
+        for r in range(5):
+            ref = _tau_b_by_pairs(a[r], b[r])
+            assert (math.isnan(ref) and math.isnan(col[r])) or abs(col[r] - ref) < TOL, r
+            if not math.isnan(ref):
+                assert col[r] == float(signs[r]), r
+
+
 def test_simaou_and_simam_against_explicit_loops():
     g = torch.Generator().manual_seed(1)
     L, H, T, d = 3, 4, 5, 7

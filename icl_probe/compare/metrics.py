@@ -87,7 +87,9 @@ def kendall_tau_rows(a: torch.Tensor, b: torch.Tensor) -> list[float]:
 
 def kendall_tau_against(a: torch.Tensor, others: Sequence[torch.Tensor]) -> list[list[float]]:
     """:func:`kendall_tau_rows` of ``a`` with each tensor of ``others`` (a measurement and its
-    baselines share one side): ``a``'s pair signs are computed once per block of rows."""
+    baselines share one side: ``a``'s order is found once). Rows without ties count their
+    discordant pairs as inversions (:func:`_inversions`), others on the sign matrices; both
+    give the same integer counts, so the same tau to the last bit."""
     a = a.double().cpu()
     others = [b.double().cpu() for b in others]
     for b in others:
@@ -100,23 +102,48 @@ def kendall_tau_against(a: torch.Tensor, others: Sequence[torch.Tensor]) -> list
         out = [[float(kendalltau(x.numpy(), y.numpy(), variant="b").statistic)
                 for x, y in zip(a, b)] for b in others]
     else:
-        out = [[] for _ in others]
+        taus = [torch.zeros(a.shape[0], dtype=torch.float64) for _ in others]
+        # rows without ties on either side (from KENDALL_PAIRS_MIN items): the sum over ordered
+        # pairs of sign x sign is n (n - 1) - 4 x the discordant pairs, the inversions of b in
+        # a's order; divided by sqrt((n (n - 1))^2), which is n (n - 1) exactly
+        fast = [torch.zeros(a.shape[0], dtype=torch.bool) for _ in others]
+        if n >= KENDALL_PAIRS_MIN:
+            untied_a, by_a = ~_tied(a), a.argsort(-1)
+            fast = [untied_a & ~_tied(b) for b in others]
+            inv = _inversions(torch.cat([b[f].gather(1, by_a[f]) for b, f in zip(others, fast)]))
+            for tau, f, c in zip(taus, fast, inv.split([int(f.sum()) for f in fast])):
+                tau[f] = (n * (n - 1) - 4 * c).double() / float(n * (n - 1))
         step = max(1, KENDALL_BLOCK // (n * n))
-        for lo in range(0, a.shape[0], step):
-            # the sign matrices are antisymmetric: sums over every pair count each one twice
-            x = a[lo: lo + step]
-            dx = _signs(x)
-            nx = _ordered_pairs(x, dx)
-            for col, b in zip(out, others):
-                y = b[lo: lo + step]
-                dy = _signs(y)
+        for tau, b, f in zip(taus, others, fast):  # the other rows on the sign matrices
+            slow = (~f).nonzero()[:, 0]
+            for lo in range(0, len(slow), step):
+                rows = slow[lo: lo + step]
+                x, y = a[rows], b[rows]
+                dx, dy = _signs(x), _signs(y)
                 # |num| <= n^2 < 2^31 for n <= KENDALL_DIRECT_MAX: int32 sums are exact
-                num = (dx * dy).sum((1, 2), dtype=torch.int32).double()
-                col += (num / (nx * _ordered_pairs(y, dy)).double().sqrt()).tolist()
+                tau[rows] = (dx * dy).sum((1, 2), dtype=torch.int32).double() / (
+                    _ordered_pairs(x, dx) * _ordered_pairs(y, dy)).double().sqrt()
+        out = [tau.tolist() for tau in taus]
     constant_a = (a == a[:, :1]).all(1)
     return [[float("nan") if c else t
              for c, t in zip((constant_a | (b == b[:, :1]).all(1)).tolist(), col)]
             for b, col in zip(others, out)]
+
+
+def _tied(x: torch.Tensor) -> torch.Tensor:
+    """Per row, whether two items are equal (or one is NaN)."""
+    return (x.sort(-1).values.diff(dim=-1) == 0).any(-1) | x.isnan().any(-1)
+
+
+def _inversions(y: torch.Tensor) -> torch.Tensor:
+    """Per row of ``y`` (rows items, at most :data:`KENDALL_DIRECT_MAX`), the number of pairs
+    i < j with y_i > y_j (int64): one comparison per pair, half the work of two sign matrices
+    and their product, in blocks of rows of about 2^20 pairs (which stay in cache)."""
+    n = y.shape[1]
+    upper = torch.ones(n, n, dtype=torch.bool).triu(1)
+    step = max(1, 2**20 // (n * n))
+    return torch.cat([((x[:, :, None] > x[:, None, :]) & upper).flatten(1).sum(1, dtype=torch.int32)
+                      for x in y.split(step)] or [torch.zeros(0, dtype=torch.int32)]).long()
 
 
 def _signs(x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +157,7 @@ def _ordered_pairs(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     without ties, counted on the sign matrix for a row with ties (or NaNs)."""
     n = x.shape[1]
     out = torch.full((x.shape[0],), n * (n - 1), dtype=torch.int64)
-    tied = (x.sort(-1).values.diff(dim=-1) == 0).any(-1) | x.isnan().any(-1)
+    tied = _tied(x)
     if tied.any():
         out[tied] = (signs[tied] != 0).sum((1, 2))
     return out
@@ -140,6 +167,9 @@ KENDALL_DIRECT_MAX = 2048
 
 
 KENDALL_BLOCK = 2**23  # numbers per sign matrix when rows are counted together
+
+
+KENDALL_PAIRS_MIN = 64  # items from which rows without ties count inversions (below: signs)
 
 
 KENDALL_LEVELS = ("token", "example")
