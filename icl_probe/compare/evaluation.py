@@ -60,19 +60,35 @@ def _evaluate(model: Any, refs: _Refs, fts: list[Any], cfg: FineTuneConfig, *, g
             zs_kv = [(rec, j) for j in range(len(chunk))]
         ft_of = _ft_runs(chunk, fts_c)
         ft_logits, ft_pred = _ft_predictions(chunk, fts_c, ft_of, position)
+        at = _AtPred()  # the chunk's records at p, each gathered once
         for j, b in enumerate(idx):
             q, l, h = _query_rows(refs, b, zs_kv[j], ft_of[j], ft_logits[j], ft_pred[j], cfg,
-                                  gen, keys, steps)
+                                  gen, keys, steps, at)
             rows_q.append(q)
             rows_l += l
             rows_h += h
-        del zs_kv, ft_of
+        del zs_kv, ft_of, at
     return rows_q, rows_l, rows_h
+
+
+class _AtPred:
+    """Records' quantities at the prediction position (:meth:`AttentionRecord.at_pred`, which
+    gathers the whole batch), each gathered once and shared by every query of a chunk. It
+    holds the records it has seen, so that an id is never reused while it lives."""
+
+    def __init__(self) -> None:
+        self._got: dict[tuple[int, str], tuple[Any, torch.Tensor]] = {}
+
+    def __call__(self, rec: Any, name: str) -> torch.Tensor:
+        key = (id(rec), name)
+        if key not in self._got:
+            self._got[key] = (rec, rec.at_pred(name))
+        return self._got[key][1]
 
 
 def _query_rows(refs: _Refs, b: int, zs_kv: tuple[Any, int], ft_run: tuple[Any, Any, int],
                 ft_logits: torch.Tensor, ft_pick: Any, cfg: FineTuneConfig,
-                gen: torch.Generator, keys: dict, steps: dict
+                gen: torch.Generator, keys: dict, steps: dict, at: _AtPred
                 ) -> tuple[dict, list[dict], list[dict]]:
     """Query ``b``'s per-query row, per-layer rows and per-head rows (``zs_kv``: the base
     model's zero-shot k/v record and this query's row in it; ``ft_run``: its fine-tune, the
@@ -82,8 +98,8 @@ def _query_rows(refs: _Refs, b: int, zs_kv: tuple[Any, int], ft_run: tuple[Any, 
     ft, ftr, i = ft_run
     row = _query_row(keys, refs, b, ft, ft_logits, ft_pick)
     collapsed = row["ft_collapsed"]
-    per_layer = _layer_similarities(refs, zs_kv, b, ftr, i, gen)
-    ken = _kendall_rows(refs, b, ft, ftr, i, cfg, gen, collapsed, steps)
+    per_layer = _layer_similarities(refs, zs_kv, b, ftr, i, gen, at)
+    ken = _kendall_rows(refs, b, ft, ftr, i, cfg, gen, collapsed, steps, at)
     rows_l, rows_h = [], []
     for li, l in enumerate(icl.layers):
         rows_l.append({**keys, "query": pair.query, "layer": l,
@@ -166,14 +182,14 @@ def _query_row(keys: dict, refs: _Refs, b: int, ft: Any, ft_logits: torch.Tensor
 
 
 def _layer_similarities(refs: _Refs, zs_kv: tuple[Any, int], b: int, ftr: Any, i: int,
-                        gen: torch.Generator) -> dict[str, Any]:
+                        gen: torch.Generator, at: _AtPred) -> dict[str, Any]:
     """Per layer for query ``b``: SimAOU (normalised or not) and SimAM with their in-run
     baselines, and the weight-space cosine per kv head with its random baseline (``zs_kv``:
     the base model's zero-shot k and v, and the query's row in them)."""
     zs_kv, j = zs_kv
     pair, zs, icl = refs.pairs[b], refs.zs, refs.icl
-    h_zs, h_icl = zs.at_pred("attn_out")[:, b].double(), icl.at_pred("attn_out")[:, b].double()
-    h_ft = ftr.at_pred("attn_out")[:, i].double()
+    h_zs, h_icl = at(zs, "attn_out")[:, b].double(), at(icl, "attn_out")[:, b].double()
+    h_ft = at(ftr, "attn_out")[:, i].double()
     aou = {n: M.simaou(h_zs, h_icl, h_ft, normalize=n) for n in (True, False)}
     rand_dir = _draw(torch.randn, h_ft, gen)
     r_uniform = _draw(torch.rand, h_ft, gen)
@@ -182,9 +198,9 @@ def _layer_similarities(refs: _Refs, zs_kv: tuple[Any, int], b: int, ftr: Any, i
                 for n in (True, False)}
     q_icl = pair.spans.query.indices()  # the query's tokens (no BOS), in both prompts
     q_zs = pair.zs_spans.query.indices()
-    m_icl = icl.at_pred("scores")[:, b][..., q_icl].double()  # layer head query_tok
-    m_zs = zs.at_pred("scores")[:, b][..., q_zs].double()
-    m_ft = ftr.at_pred("scores")[:, i][..., q_zs].double()
+    m_icl = at(icl, "scores")[:, b][..., q_icl].double()  # layer head query_tok
+    m_zs = at(zs, "scores")[:, b][..., q_zs].double()
+    m_ft = at(ftr, "scores")[:, i][..., q_zs].double()
     sam = M.simam(m_zs, m_icl, m_ft)
     sam_rand = M._cos(m_icl - m_zs, _draw(torch.randn, m_ft, gen)).mean(-1)
     zs_all = torch.arange(len(pair.zs_ids))
@@ -207,7 +223,8 @@ def _layer_similarities(refs: _Refs, zs_kv: tuple[Any, int], b: int, ftr: Any, i
 
 
 def _kendall_rows(refs: _Refs, b: int, ft: Any, ftr: Any, i: int, cfg: FineTuneConfig,
-                  gen: torch.Generator, collapsed: bool, steps: dict) -> list[dict[str, float]]:
+                  gen: torch.Generator, collapsed: bool, steps: dict, at: _AtPred
+                  ) -> list[dict[str, float]]:
     """Per layer: Kendall's tau between ICL's attention to the demonstration tokens and the
     fine-tune's (token and example level) with their uniform-random baselines; NaN where the
     fine-tune recorded no queries or diverged. Every layer is ranked at once; the baselines
@@ -228,8 +245,8 @@ def _kendall_rows(refs: _Refs, b: int, ft: Any, ftr: Any, i: int, cfg: FineTuneC
         steps.clear()
         steps[key] = M.scale_queries(
             torch.cat([qs[:, off:] for qs in ft.step_queries[: pair.k]], 1), scale)
-    s_demo = icl.at_pred("scores")[:, b][..., ken_pos]  # layer head demo_tok
-    q_ft = M.scale_queries(ftr.at_pred("q")[:, i], scale)  # layer head d_head
+    s_demo = at(icl, "scores")[:, b][..., ken_pos]  # layer head demo_tok
+    q_ft = M.scale_queries(at(ftr, "q")[:, i], scale)  # layer head d_head
     tok = M.kendall_weights(s_demo, steps[key], q_ft, scale=None)
     ex = tuple(M.per_demonstration(w, demo_lens) for w in tok)  # = level="example"
     icl_w, ex_w = tok[0], ex[0]  # ICL's token and example weights, as the metric ranks them
