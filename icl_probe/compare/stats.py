@@ -3,8 +3,8 @@
 Every number the comparison reports carries a 95 % bootstrap interval over its queries
 (:func:`bootstrap_ci`: :func:`scipy.stats.bootstrap`'s interval), and every similarity is set
 against each of its baselines through the interval of the paired difference
-(:func:`paired_difference`): the same queries, both runs, resampled together. :func:`verdict` reads that interval:
-``"beats baseline"`` only when it lies above 0.
+(:func:`paired_difference`): the same queries, both runs, resampled together.
+:func:`verdict` reads that interval: ``"beats baseline"`` only when it lies above 0.
 
 >>> import numpy as np
 >>> x = np.linspace(0.0, 1.0, 41)
