@@ -82,12 +82,15 @@ def test_full_batch_gd_is_order_invariant_and_sgd_is_not(tiny):
         assert same == invariant, method
 
 
-def test_lcgd_sends_no_gradient_to_earlier_layers(tiny, pair):
+@pytest.mark.parametrize("loss_tokens", ["demo", "label"])
+def test_lcgd_sends_no_gradient_to_earlier_layers(tiny, pair, loss_tokens):
+    """Also checks that unembedding only the positions the loss reads changes nothing: the
+    reference decodes every position."""
     lr = 0.02
     one = ip.build_prompt(tiny, "capital", query=3, k=1, seed=2)
-    ft = ip.finetune(tiny, one, method="lcgd", params="kv", lr=lr)
+    ft = ip.finetune(tiny, one, method="lcgd", params="kv", lr=lr, loss_tokens=loss_tokens)
     # reference: layer 0's parameters see only layer 0's logit-lens loss
-    ids, mask = _examples(one)[0]
+    ids, mask = _examples(one, loss_tokens)[0]
     t = mask.nonzero()[:, 0]
     params = {n: p for n, p in trainable_parameters(tiny, "kv").items() if ".layers.0." in n}
     for p in params.values():

@@ -39,10 +39,15 @@ def _examples(pair: PromptPair, loss_tokens: str = "demo"
 def _ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of predicting ids[t] from logits[t-1] over masked positions t."""
     t = mask.nonzero()[:, 0]
-    x = logits[t - 1]
-    if x.dtype in (torch.float16, torch.bfloat16):  # the loss in float32 for half models
+    return _ce_rows(logits[t - 1], ids[t])
+
+
+def _ce_rows(x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``targets`` under the logits rows ``x`` (in float32 for a
+    half-precision model)."""
+    if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
-    return F.cross_entropy(x, ids[t])
+    return F.cross_entropy(x, targets)
 
 
 def _example_loss(model: Any, ids: torch.Tensor, mask: torch.Tensor, method: str,
@@ -61,5 +66,7 @@ def _example_loss(model: Any, ids: torch.Tensor, mask: torch.Tensor, method: str
         hooks.append((f"blocks.{l}.hook_resid_post", lambda x, hook=None: outs.append(x)))
     with model.hooks(fwd_hooks=hooks):
         model(ids[None])
-    # logit lens through the frozen final norm and unembedding
-    return sum(_ce(model.unembed(model.ln_final(x))[0], ids, mask) for x in outs)
+    # logit lens through the frozen final norm and unembedding, at the positions the loss
+    # reads only (each position is normed and unembedded on its own: the same logits)
+    t = mask.nonzero()[:, 0]
+    return sum(_ce_rows(model.unembed(model.ln_final(x[:, t - 1]))[0], ids[t]) for x in outs)
