@@ -3,6 +3,7 @@
 
 import json
 import shutil
+import weakref
 
 import pandas as pd
 import pytest
@@ -97,6 +98,31 @@ def test_each_section_runs_and_reports(tiny, tmp_path, section):
         assert "Fig. 2" in page and "Fig. 4" in page and "Fig. 5" in page
         assert "<b>Table 1</b> (GD with many demonstrations against ICL with 8) was skipped" \
             in page and not (out / "shen_many_demos.csv").exists()
+
+
+def test_a_sections_shared_state_is_freed_before_the_next_section_runs(tiny, tmp_path,
+                                                                       monkeypatch):
+    """icl_vs_gd's comparisons and random-weight baseline models serve its own units; the
+    next section of the same model runs without them (default.toml's peak was its
+    implied-update unit beside them)."""
+    cfg = _config(["icl_vs_gd", "implied_updates"],
+                  icl_vs_gd=dict(methods=["dai"], lrs=[1e-3], baselines=["untrained"]))
+    held, seen = [], []
+    icl_run, iu_run = SECTIONS["icl_vs_gd"].run, SECTIONS["implied_updates"].run
+
+    def icl(model, u, s, ctx):
+        out = icl_run(model, u, s, ctx)
+        held.extend(weakref.ref(m) for m in ctx.get("baseline_models", {}).values())
+        return out
+
+    def iu(model, u, s, ctx):
+        seen.append((sorted(ctx), [r() is None for r in held]))
+        return iu_run(model, u, s, ctx)
+
+    monkeypatch.setattr(SECTIONS["icl_vs_gd"], "run", icl)
+    monkeypatch.setattr(SECTIONS["implied_updates"], "run", iu)
+    run_experiment(cfg, model=tiny, out=tmp_path / "r", progress=False)
+    assert held and seen == [(["out"], [True] * len(held))]
 
 
 def test_interrupted_run_resumes_without_redoing_units(tiny, tmp_path):

@@ -123,7 +123,7 @@ def run_units(config: Config, *, model: Any = None, model_name: str | None = Non
 
 class _Run:
     """The state of one run (or shard) in one process: the one model in memory, each model's
-    provenance, and what the units of a model share (``ctx``)."""
+    provenance, and what the units of one section of a model share (``ctx``)."""
 
     def __init__(self, config: Config, out: Path, specs: dict[str, Any], placement: Placement,
                  inputs: dict[str, str], stamped: bool):
@@ -131,14 +131,15 @@ class _Run:
         self.inputs, self.stamped = inputs, stamped
         self.loaded: dict[str, Any] = {}  # the one model in memory, by key
         self.provs: dict[str, dict] = {}
-        self.ctxs: dict[str | None, dict] = {}
+        self.ctxs: dict[tuple[str | None, str], dict] = {}  # by (model, section)
         self.recorded: set[str | None] = set()
 
     def model_for(self, key: str) -> Any:
         """The model keyed ``key``, loaded on first use (the one before it freed)."""
         if key not in self.loaded:
             for old in list(self.loaded):  # one model in memory at a time
-                self.ctxs.pop(old, None)
+                for k in [k for k in self.ctxs if k[0] == old]:
+                    del self.ctxs[k]
                 del self.loaded[old]
                 _free_memory()
             spec = self.specs[key]
@@ -166,7 +167,19 @@ class _Run:
         if hook is not None:
             hook(u.id)
         t0 = time.perf_counter()
-        ctx = self.ctxs.setdefault(u.model, {"out": self.out})
+        key = (u.model, u.section)
+        if key not in self.ctxs:
+            # what a section's units share (icl_vs_gd: its comparisons, the random-weight
+            # baseline models) serves that section alone: it goes before another section of
+            # the model starts (measured: default.toml's implied-update unit ran beside
+            # icl_vs_gd's last baseline model and references, its peak 2.57 GB)
+            stale = [k for k in self.ctxs if k[0] == u.model]
+            for k in stale:
+                del self.ctxs[k]
+            if stale:
+                _free_memory()
+            self.ctxs[key] = {"out": self.out}
+        ctx = self.ctxs[key]
         tables = SECTIONS[u.section].run(m, u, self.config.settings(u.section), ctx)
         self.record(u.model)
         write_unit(self.out / "units", u.id, tables, {
