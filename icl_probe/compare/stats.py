@@ -96,11 +96,11 @@ def _bca_levels(x: np.ndarray, stat: Callable, theta_b: np.ndarray, alpha: float
     return np.stack(levels, axis=-1)
 
 
-def _quantile(sorted_or_not: np.ndarray, p: np.ndarray) -> np.ndarray:
+def _quantile(sample: np.ndarray, p: np.ndarray) -> np.ndarray:
     """Hyndman and Fan's type-7 ("linear") quantiles ``p`` of a 1-D sample, computed as
     :func:`scipy.stats.quantile` computes them (NaN for a level that is NaN or outside
     [0, 1])."""
-    y = np.sort(sorted_or_not)
+    y = np.sort(sample)
     n = np.asarray(float(len(y)))
     bad = np.isnan(p) | (p < 0) | (p > 1)
     p = np.where(bad, 0.5, p)

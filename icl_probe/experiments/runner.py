@@ -138,8 +138,7 @@ class _Run:
         """The model keyed ``key``, loaded on first use (the one before it freed)."""
         if key not in self.loaded:
             for old in list(self.loaded):  # one model in memory at a time
-                for k in [k for k in self.ctxs if k[0] == old]:
-                    del self.ctxs[k]
+                self._drop_ctxs(old)
                 del self.loaded[old]
                 _free_memory()
             spec = self.specs[key]
@@ -150,6 +149,13 @@ class _Run:
                 self.provs[key] = provenance(spec, self.config)
                 check_provenance(self.out, key, self.provs[key], record=False)
         return self.loaded[key]
+
+    def _drop_ctxs(self, model: str | None) -> bool:
+        """Forget what every section of ``model`` shares; whether there was any."""
+        stale = [k for k in self.ctxs if k[0] == model]
+        for k in stale:
+            del self.ctxs[k]
+        return bool(stale)
 
     def record(self, key: str | None) -> None:
         """The stamp and the model's provenance, written with its first finished unit."""
@@ -173,10 +179,7 @@ class _Run:
             # baseline models) serves that section alone: it goes before another section of
             # the model starts (measured: default.toml's implied-update unit ran beside
             # icl_vs_gd's last baseline model and references, its peak 2.57 GB)
-            stale = [k for k in self.ctxs if k[0] == u.model]
-            for k in stale:
-                del self.ctxs[k]
-            if stale:
+            if self._drop_ctxs(u.model):
                 _free_memory()
             self.ctxs[key] = {"out": self.out}
         ctx = self.ctxs[key]

@@ -238,8 +238,11 @@ def _final_pass(hf: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
                 zs_ids: torch.Tensor, q_store: list) -> tuple[float, torch.Tensor]:
     """The watched example's loss and the zero-shot prompt's logits at its prediction position,
     with the weights the model holds (the trained ones, before the restore): one no-grad forward
-    of the unwrapped model on both, right-padded (the causal mask keeps each row's real positions
-    to its own tokens). The divergence rules read them (:func:`_divergence`); on the bridge's
+    of the unwrapped model on both, right-padded. Right padding is exact by construction for a
+    causal model: a real position attends only to earlier positions, all real, and keeps its
+    position index, so only float32 kernel rounding separates it from a forward of the row
+    alone (the forward itself is the one the fast path checked before training). The
+    divergence rules read them (:func:`_divergence`); on the bridge's
     path they are two forwards of the fine-tuned view, :func:`_final_loss` and
     :func:`_zero_shot_logits`, which the fast-path tests hold this to."""
     device = next(hf.parameters()).device
